@@ -1,0 +1,1 @@
+"""fnllama: a JAX-style functional LLaMA trainer on PyTorch."""

@@ -1,0 +1,49 @@
+"""The `fnllama` command: one verb per job, each implemented by `cli_main(argv)` in its module.
+
+User errors (`fnllama.errors.UserError`) print one line and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from fnllama.errors import UserError
+
+# verb -> (module with `cli_main(argv: list[str]) -> int`, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "preprocess": ("fnllama.data.preprocess", "tokenize parquet/json into a Megatron indexed dataset"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fnllama [--debug] VERB [options]", "", "verbs:"]
+    lines += [f"  {verb:<12} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += ["", "fnllama VERB --help shows a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"fnllama: unknown verb {verb!r}; known verbs: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.cli_main(rest) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"fnllama {verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
