@@ -13,7 +13,8 @@ with `mmap=True`, so no tensor data is read) and checks names and shapes against
 config, so a wrong checkpoint fails in seconds with one error listing every problem. Then
 it loads one shard at a time, converts each tensor to the requested dtype/device and drops
 the shard before opening the next: peak memory is the param tree plus one shard (often
-less: `.bin` shards are memory-mapped, safetensors are read a tensor at a time).
+less: both formats are memory-mapped and copied a tensor at a time, so only the pages of
+the shard being read are resident).
 
 `save_hf(params, cfg, out_dir)` writes `config.json` (via `fnllama.config.to_hf`) and
 `model.safetensors`, or `model-0000X-of-0000N.safetensors` + `model.safetensors.index.json`
@@ -175,16 +176,16 @@ def _read_shapes(path: Path) -> dict[str, Shape]:
     return {k: tuple(v.shape) for k, v in _torch_load(path).items()}
 
 
-def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """(name, tensor, is_mapped) for each tensor of one file; is_mapped: backed by the file."""
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of one file; tensors are views of the mapped file."""
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:   # get_tensor maps the file, it does not copy
             for name in f.keys():
-                yield name, f.get_tensor(name), False    # one tensor at a time, owned memory
+                yield name, f.get_tensor(name)
     else:
         state = _torch_load(path)
         for name in list(state):
-            yield name, state.pop(name), True
+            yield name, state.pop(name)
 
 
 def _check_tensors(found: dict[str, tuple[Path, Shape]], cfg: ModelConfig, model_dir: Path) -> None:
@@ -232,10 +233,10 @@ def load_hf(
     expected = hf_tensors(cfg)
     params = _empty_tree(cfg)
     for path in files:  # one shard at a time; its tensors are dropped before the next opens
-        for name, tensor, is_mapped in _read_tensors(path):
+        for name, tensor in _read_tensors(path):
             if name in expected:
-                # A mapped tensor already in the right dtype would stay a view of the file: copy it.
-                converted = tensor.to(device=device, dtype=dtype, copy=is_mapped).contiguous()
+                # Always copy: a tensor already in `dtype` would otherwise stay a view of the file.
+                converted = tensor.to(device=device, dtype=dtype, copy=True).contiguous()
                 _set(params, expected[name][0], converted)
             del tensor
     return cfg, params
@@ -282,13 +283,16 @@ def _owned_cpu(tensor: torch.Tensor, dtype: torch.dtype, seen: set[int]) -> torc
 
 
 def _write_weights(tmp: Path, state: dict[str, torch.Tensor], shards: list[list[str]], dtype: torch.dtype) -> None:
+    """The safetensors shard(s) and, when more than one, their index, written into `tmp`."""
     n = len(shards)
+    mode = (tmp / CONFIG_NAME).stat().st_mode & 0o777   # safetensors creates 0600 files; use the umask's
     weight_map: dict[str, str] = {}
     for i, names in enumerate(shards, start=1):
         fname = SAFE_SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         seen: set[int] = set()
         shard = {name: _owned_cpu(state[name], dtype, seen) for name in names}
         save_file(shard, tmp / fname, metadata={"format": "pt"})
+        os.chmod(tmp / fname, mode)
         del shard   # one shard of converted tensors in memory at a time
         weight_map.update(dict.fromkeys(names, fname))
     if n > 1:

@@ -138,14 +138,20 @@ def test_load_matches_transformers_logits(saved, variant, fmt):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-def test_loaded_params_own_their_memory(saved, tmp_path):
-    """mmap'd `.bin` tensors are copied: params survive the files being replaced."""
+@pytest.mark.parametrize("fmt", ["bin_sharded", "safetensors"])
+def test_loaded_params_own_their_memory(saved, tmp_path, fmt):
+    """Both formats are read memory-mapped; params must be copies, not views of the files."""
     m, dirs = saved["gqa"]
-    d = _copy(dirs["bin_sharded"], tmp_path / "m")
+    d = _copy(dirs[fmt], tmp_path / "m")
     cfg, params = load_hf(d)
-    for f in d.glob("*.bin"):
-        torch.save({}, f)   # rewrite every shard in place
-    torch.testing.assert_close(params["embed"], m.state_dict()["model.embed_tokens.weight"], rtol=0, atol=0)
+    for f in list(d.glob("*.bin")) + list(d.glob("*.safetensors")):
+        with open(f, "r+b") as fh:   # overwrite every byte in place (same size, same inode)
+            fh.write(b"\xff" * f.stat().st_size)
+    for name, (path, _) in hf_tensors(cfg).items():
+        leaf = params
+        for k in path:
+            leaf = leaf[k]
+        assert torch.equal(leaf, m.state_dict()[name]), name
 
 
 def test_load_in_bfloat16(saved):
@@ -223,6 +229,8 @@ def test_save_single_file_and_dtype(saved, tmp_path):
     cfg, params = load_hf(dirs["safetensors"])
     out = save_hf(params, cfg, tmp_path / "bf16", dtype=torch.bfloat16)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # safetensors creates 0600 files; exported ones get the umask's mode, like config.json.
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     state = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in state and {t.dtype for t in state.values()} == {torch.bfloat16}
