@@ -1,0 +1,183 @@
+"""Which accelerator this process runs on, and the few things the rest of fnllama asks it.
+
+One place decides the device kind (`npu` through torch_npu, else `cuda`, else `cpu`), the
+collective backend that goes with it (`hccl`, `nccl`, `gloo`), this process's device from
+torchrun's `LOCAL_RANK`, the dtypes it computes in, and its memory counters. Everything
+else takes a `torch.device` and never tests for NPU or CUDA itself.
+
+The NPU path is real code: importing `torch_npu` registers `torch.npu` and the `npu`
+device string, so it is imported (guarded) before anything asks `torch.npu`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import types
+import warnings
+
+import torch
+
+from fnllama.errors import ConfigError
+
+DEVICE_TYPES = ("npu", "cuda", "cpu")
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+def _npu_module() -> types.ModuleType | None:
+    """`torch.npu` once torch_npu is imported, or None when torch_npu is not installed."""
+    try:
+        import torch_npu  # noqa: F401  (the import registers torch.npu and "npu:N")
+    except ModuleNotFoundError as e:
+        if e.name != "torch_npu":
+            warnings.warn(f"torch_npu is installed but cannot be imported ({e}); NPU disabled")
+        return None
+    except Exception as e:  # a broken CANN install: say so, then run without the NPU
+        warnings.warn(f"torch_npu is installed but cannot be imported ({e!r}); NPU disabled")
+        return None
+    return getattr(torch, "npu", None)
+
+
+def device_type() -> str:
+    """The accelerator kind of this machine: "npu", "cuda" or "cpu", in that order of preference."""
+    npu = _npu_module()
+    if npu is not None and npu.is_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _check_kind(kind: str | None) -> str:
+    kind = device_type() if kind is None else kind
+    if kind not in DEVICE_TYPES:
+        raise ConfigError(f"device type {kind!r} is not one of {DEVICE_TYPES}")
+    return kind
+
+
+def backend(kind: str | None = None) -> str:
+    """The torch.distributed backend for a device kind (default: this machine's)."""
+    return BACKENDS[_check_kind(kind)]
+
+
+def local_rank() -> int:
+    """This process's index on its node: torchrun's `LOCAL_RANK`, 0 when unset."""
+    raw = os.environ.get("LOCAL_RANK", "0")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable LOCAL_RANK={raw!r}: expected an integer >= 0") from None
+    if value < 0:
+        raise ConfigError(f"environment variable LOCAL_RANK={raw!r}: expected an integer >= 0")
+    return value
+
+
+def local_device(kind: str | None = None) -> torch.device:
+    """This process's device: `npu:{LOCAL_RANK}`, `cuda:{LOCAL_RANK}` or `cpu`."""
+    kind = _check_kind(kind)
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(f"{kind}:{local_rank()}")
+
+
+def _as_device(device: torch.device | str | None) -> torch.device:
+    return local_device() if device is None else torch.device(device)
+
+
+def _accelerator(device: torch.device) -> types.ModuleType | None:
+    """`torch.npu` / `torch.cuda` for an accelerator device, None for the CPU."""
+    if device.type == "cpu":
+        return None
+    if device.type == "npu":
+        if _npu_module() is None:
+            raise ConfigError(f"device {device} needs torch_npu, which is not importable")
+        return torch.npu
+    if device.type == "cuda":
+        return torch.cuda
+    raise ConfigError(f"device {device}: expected a device of type {DEVICE_TYPES}")
+
+
+def set_device(device: torch.device | str | None = None) -> torch.device:
+    """Make `device` the current accelerator of this process (a no-op on the CPU)."""
+    device = _as_device(device)
+    module = _accelerator(device)
+    if module is not None:
+        module.set_device(device)
+    return device
+
+
+def supported_dtypes(kind: str | None = None) -> tuple[torch.dtype, ...]:
+    """Floating dtypes that params and activations may use on this kind of device.
+
+    bf16 is included on the CPU (slow but exact enough for tests) and on NPU/CUDA when the
+    hardware has it (Ascend 910B and Ampere onwards do; 910A and Volta do not).
+    """
+    kind = _check_kind(kind)
+    if kind == "cpu":
+        return (torch.float32, torch.bfloat16, torch.float16)
+    module = torch.npu if kind == "npu" else torch.cuda
+    has_bf16 = getattr(module, "is_bf16_supported", lambda: True)()
+    bf16 = (torch.bfloat16,) if has_bf16 else ()
+    return (torch.float32, *bf16, torch.float16)
+
+
+def check_dtype(dtype: torch.dtype, kind: str | None = None) -> torch.dtype:
+    """Return `dtype` if the device kind supports it, else raise a ConfigError naming both."""
+    kind = _check_kind(kind)
+    allowed = supported_dtypes(kind)
+    if dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ConfigError(f"dtype {dtype} is not supported on {kind} (supported: {names})")
+    return dtype
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for all queued work on `device` (a no-op on the CPU, which runs eagerly)."""
+    device = _as_device(device)
+    module = _accelerator(device)
+    if module is not None:
+        module.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+    """Peak memory of this process on `device`, in bytes.
+
+    On NPU/CUDA: the allocator's peak of allocated tensor bytes (resettable with
+    `reset_peak_memory`). On the CPU: the process's peak resident set size from
+    getrusage, which includes the Python interpreter and cannot be reset.
+    """
+    device = _as_device(device)
+    module = _accelerator(device)
+    if module is not None:
+        return int(module.max_memory_allocated(device))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device | str | None = None) -> None:
+    """Restart the allocator's peak counter (NPU/CUDA); the CPU's peak RSS cannot be reset."""
+    device = _as_device(device)
+    module = _accelerator(device)
+    if module is not None:
+        module.reset_peak_memory_stats(device)
+
+
+def empty_cache(device: torch.device | str | None = None) -> None:
+    """Return cached allocator blocks to the device (a no-op on the CPU)."""
+    device = _as_device(device)
+    module = _accelerator(device)
+    if module is not None:
+        module.empty_cache()
+
+
+def describe(kind: str | None = None) -> dict[str, object]:
+    """A loggable summary: device kind, backend, this process's device and its dtypes."""
+    kind = _check_kind(kind)
+    return {
+        "device_type": kind,
+        "backend": BACKENDS[kind],
+        "device": str(local_device(kind)),
+        "local_rank": local_rank(),
+        "dtypes": [str(d).removeprefix("torch.") for d in supported_dtypes(kind)],
+    }
