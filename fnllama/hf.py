@@ -162,6 +162,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         raise HFError(f"{path}: cannot read as a PyTorch state dict ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise HFError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise HFError(f"{path}: expected a dict of tensors; these entries are not tensors: {not_tensors}")
     return state
 
 

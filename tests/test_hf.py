@@ -154,6 +154,19 @@ def test_loaded_params_own_their_memory(saved, tmp_path, fmt):
         assert torch.equal(leaf, m.state_dict()[name]), name
 
 
+def test_legacy_bin_format(saved, tmp_path):
+    """Pre-zipfile `.bin` files cannot be memory-mapped; they are read whole, one at a time."""
+    m, dirs = saved["tied"]
+    d = _copy(dirs["bin"], tmp_path / "m")
+    state = torch.load(d / "pytorch_model.bin", weights_only=True)
+    torch.save(state, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    cfg, params = load_hf(d)
+    assert torch.equal(params["embed"], m.state_dict()["model.embed_tokens.weight"])
+    torch.save(dict(state, step=3), d / "pytorch_model.bin")
+    with pytest.raises(HFError, match=r"pytorch_model.bin: .*not tensors: \['step'\]"):
+        load_hf(d)
+
+
 def test_load_in_bfloat16(saved):
     m, dirs = saved["gqa"]
     cfg, params = load_hf(dirs["bin_sharded"], dtype=torch.bfloat16)
