@@ -152,7 +152,21 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     if module is not None:
         return int(module.max_memory_allocated(device))
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # Linux reports KiB
+    maxrss = maxrss if sys.platform == "darwin" else maxrss * 1024  # Linux reports KiB
+    return max(int(maxrss), _current_rss_bytes())
+
+
+def _current_rss_bytes() -> int:
+    """Resident set size now (Linux), 0 where /proc is absent.
+
+    Linux updates the peak that getrusage reports lazily, so it can trail the current RSS
+    by a few hundred KiB; the peak is at least what is resident now.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def reset_peak_memory(device: torch.device | str | None = None) -> None:

@@ -164,7 +164,9 @@ class Mesh:
             names = tuple(sizes)
             device_mesh = init_device_mesh(kind, tuple(sizes.values()), mesh_dim_names=names)
             for name in names:  # subgroups are made with torch's default timeout (30 min)
-                device_mesh.get_group(name).set_timeout(timeout)
+                group = device_mesh.get_group(name)
+                if hasattr(group, "set_timeout"):  # torch < 2.6 lacks it: default timeout
+                    group.set_timeout(timeout)
         except BaseException:
             if owns:
                 dist.destroy_process_group()
@@ -265,8 +267,12 @@ class Mesh:
         return out.div_(self.size(axis)).to(x.dtype)
 
     def all_gather(self, x: torch.Tensor, axis: str, dim: int = 0) -> torch.Tensor:
-        """Every rank's `x` concatenated along tensor dim `dim`, in axis-rank order."""
+        """Every rank's `x` concatenated along tensor dim `dim`, in axis-rank order.
+
+        A 0-d `x` gathers to a vector of length axis size.
+        """
         n = self.size(axis)
+        x = x.reshape(1) if x.dim() == 0 else x
         moved = x.detach().movedim(dim, 0).contiguous()  # the backend gathers along dim 0
         out = moved.new_empty((n * moved.shape[0], *moved.shape[1:]))
         with self._guard("all_gather", axis):
