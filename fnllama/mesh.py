@@ -165,7 +165,7 @@ class Mesh:
             device_mesh = init_device_mesh(kind, tuple(sizes.values()), mesh_dim_names=names)
             for name in names:  # subgroups are made with torch's default timeout (30 min)
                 group = device_mesh.get_group(name)
-                if hasattr(group, "set_timeout"):  # torch < 2.6 lacks it: default timeout
+                if hasattr(group, "set_timeout"):  # older torch lacks it: default timeout
                     group.set_timeout(timeout)
         except BaseException:
             if owns:
