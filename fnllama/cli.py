@@ -13,6 +13,7 @@ from fnllama.errors import UserError
 # verb -> (module with `cli_main(argv: list[str]) -> int`, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "preprocess": ("fnllama.data.preprocess", "tokenize parquet/json into a Megatron indexed dataset"),
+    "train": ("fnllama.train_cli", "train a model: Megatron-style flags or an experiments/*.py config"),
     "compare": ("fnllama.compare", "compare two runs' loss curves: error figures and plots"),
     "plan": ("fnllama.plan", "per-device memory and FLOPs/step of a model x devices x ZeRO stage"),
 }
