@@ -31,9 +31,10 @@ def listdir_names(directory) -> list[str]:
 
 
 def unique_token_docs(lengths, first=1000) -> list[np.ndarray]:
-    """Documents whose tokens are consecutive distinct integers (stream position + first)."""
+    """Documents of distinct, consecutive-within-a-document integers, with a gap of one
+    between documents: `b == a + 1` exactly when token b follows token a inside a document."""
     out, start = [], first
     for n in lengths:
         out.append(np.arange(start, start + n, dtype=np.int64))
-        start += n
+        start += n + 1
     return out
