@@ -34,7 +34,7 @@ from fnllama import random as fr
 from fnllama.config import ModelConfig, num_params
 from fnllama.errors import CheckpointError, ConfigError, DataError
 from fnllama.experiment import ExperimentConfig, check_batch, save_json
-from fnllama.train import Replicated, TrainState, init_state, make_train_step
+from fnllama.train import TrainState, init_state, make_train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
@@ -58,14 +58,15 @@ def train(exp: ExperimentConfig, *, stream=None) -> dict[str, Any]:
         say(f"== data: {' '.join(exp.data.data_path)} (split {exp.data.split}), seq {tc.seq_length}")
         # -------------------------------------------------------------- model + optimizer
         cfg, hf_params = _model_config(exp)
-        schedule, optimizer = build_optimizer(exp)
-        rule = build_update_rule(optimizer, exp, mesh)
+        schedule, adamw = build_optimizer(exp)
+        rule = build_update_rule(adamw, exp, mesh)
         say(f"== model: {num_params(cfg):,} parameters ({tc.precision}, recompute {tc.recompute}); "
             f"AdamW lr {exp.optim.lr:g} {exp.optim.lr_decay_style}; ZeRO stage {exp.parallel.zero_stage}")
         # -------------------------------------------------------------- checkpoint
         ckpt = _open_checkpointer(exp, mesh)
         # -------------------------------------------------------------- state
-        state, how = _initial_state(exp, cfg, rule, loader, ckpt, hf_params, mesh)
+        state, how = _initial_state(exp, cfg, rule, lambda: build_update_rule(adamw, exp, mesh), loader,
+                                    ckpt, hf_params, mesh)
         del hf_params
         start = int(state.step)
         say(f"== state: {how}; step {start} of {tc.train_iters}")
@@ -160,26 +161,27 @@ def _model_config(exp: ExperimentConfig) -> tuple[ModelConfig, Any]:
 
 
 def build_optimizer(exp: ExperimentConfig):
-    """(schedule, AdamW) from the optimizer section; decay iters default to train iters."""
+    """(schedule, AdamW factory `mask -> GradientTransformation`); decay iters default to train iters.
+
+    A factory, because ZeRO hands the optimizer its weight-decay mask in the flat layout.
+    """
     o = exp.optim
     decay_iters = o.lr_decay_iters or exp.train.train_iters
     schedule = optim.make_schedule(o.lr_decay_style, lr=o.lr, min_lr=o.min_lr, warmup_iters=o.lr_warmup_iters,
                                    warmup_fraction=o.lr_warmup_fraction, decay_iters=decay_iters)
-    optimizer = optim.adamw(schedule, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_eps,
-                            weight_decay=o.weight_decay, mask=optim.default_decay_mask)
-    return schedule, optimizer
+
+    def adamw(mask):
+        return optim.adamw(schedule, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_eps,
+                           weight_decay=o.weight_decay, mask=mask)
+    return schedule, adamw
 
 
-def build_update_rule(optimizer: optim.GradientTransformation, exp: ExperimentConfig, mesh):
-    """Replicated optimizer state (stage 0) or fnllama.zero's sharded rule (stages 1, 2)."""
-    stage = exp.parallel.zero_stage
-    if stage == 0:
-        return Replicated(optimizer, mesh)
-    try:
-        from fnllama import zero
-    except ModuleNotFoundError as e:  # HOOK: until fnllama/zero.py lands
-        raise ConfigError(f"--zero-stage {stage} needs fnllama.zero, which this build lacks ({e})") from e
-    return zero.make_rule(optimizer, mesh, stage=stage)
+def build_update_rule(adamw, exp: ExperimentConfig, mesh):
+    """Replicated optimizer state (stage 0) or ZeRO's sharded rule (stages 1, 2); norms and
+    other 1-D leaves are exempt from weight decay (`optim.default_decay_mask`)."""
+    from fnllama import zero
+
+    return zero.make_rule(adamw, mesh, stage=exp.parallel.zero_stage, decay_mask=optim.default_decay_mask)
 
 
 def _open_checkpointer(exp: ExperimentConfig, mesh, directory: str | None = None):
@@ -194,13 +196,18 @@ def _open_checkpointer(exp: ExperimentConfig, mesh, directory: str | None = None
                         rank=mesh.rank(), world_size=mesh.world_size)
 
 
-def _initial_state(exp, cfg, rule, loader, ckpt, hf_params, mesh) -> tuple[TrainState, str]:
+def _initial_state(exp, cfg, rule, fresh_rule, loader, ckpt, hf_params, mesh) -> tuple[TrainState, str]:
+    """The starting state: restored (--load/--resume), from HF weights, or fresh from the seed.
+
+    `fresh_rule()` makes an unbound update rule for the restore template (a ZeRO rule binds its
+    layout to the first tree it sees, and the template lives on the meta device).
+    """
     tc = exp.train
     if tc.load or tc.resume:
         same_dir = ckpt is not None and (not tc.load or os.path.abspath(tc.load) == ckpt.directory)
         reader = ckpt if same_dir else _open_checkpointer(exp, mesh, tc.load)
         try:
-            state = _restore(exp, cfg, rule, loader, reader, mesh.device)
+            state = _restore(exp, cfg, fresh_rule(), loader, reader, mesh.device)
         finally:
             if reader is not ckpt:
                 reader.close()
@@ -215,12 +222,12 @@ def _initial_state(exp, cfg, rule, loader, ckpt, hf_params, mesh) -> tuple[Train
                    else f"fresh (seed {tc.seed})")
 
 
-def _restore(exp, cfg, rule, loader, reader, device) -> TrainState | None:
+def _restore(exp, cfg, template_rule, loader, reader, device) -> TrainState | None:
     """The latest (or --ckpt-step) committed state of `reader`, or None when it has none."""
     tc = exp.train
     if reader.latest_step() is None:
         return None
-    template = init_state(fr.key(tc.seed), cfg, rule, compute_dtype=DTYPES[tc.precision], device="meta")
+    template = init_state(fr.key(tc.seed), cfg, template_rule, compute_dtype=DTYPES[tc.precision], device="meta")
     template = template._replace(data=loader.state())
     state, _ = reader.restore(template, tc.load_step, device=device)
     loader.restore(state.data)
