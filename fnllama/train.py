@@ -37,7 +37,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import optree
 import torch
 
-from fnllama import model, optim
+from fnllama import device, model, optim
 from fnllama import random as fr
 from fnllama.config import ModelConfig
 
@@ -244,6 +244,7 @@ def make_train_step(cfg: ModelConfig, rule: Any, *, mesh: Any = None,
     """
     rule = as_rule(rule, mesh)
     fp16 = compute_dtype == torch.float16
+    device.tune_host_allocator()   # fresh buffers every step: let glibc reuse them (see its docstring)
 
     def scaled_loss(params, mb, denom, scale):
         p = params if compute_dtype == torch.float32 else optree.tree_map(lambda t: t.to(compute_dtype), params)
