@@ -64,6 +64,7 @@ from fnllama.tree import FlatLayout
 PyTree = Any
 OptimizerOrFactory = Union[optim.GradientTransformation, Callable[[Any], optim.GradientTransformation]]
 DEFAULT_BUCKET_BYTES = 64 * 2**20
+GATHER_IMPLS = ("auto", "all_gather", "broadcast")
 FLAT = "flat"
 
 
@@ -138,6 +139,26 @@ def _leaves_like(tree_: PyTree, layout: FlatLayout, what: str) -> list[torch.Ten
     return leaves
 
 
+def flat_buffer_of(tree_: PyTree, layout: FlatLayout) -> torch.Tensor | None:
+    """The fp32 buffer [padded_total] whose views are `tree_`'s leaves at the layout's offsets
+    (as `apply` returns them), or None when the leaves are not laid out that way."""
+    try:
+        leaves = layout.treespec.flatten_up_to(tree_)
+    except (ValueError, TypeError):
+        return None
+    if not leaves:
+        return None
+    storage = leaves[0].untyped_storage()
+    for leaf, offset, shape in zip(leaves, layout.offsets, layout.shapes):
+        if (leaf.dtype != torch.float32 or tuple(leaf.shape) != shape or not leaf.is_contiguous()
+                or leaf.untyped_storage().data_ptr() != storage.data_ptr() or leaf.storage_offset() != offset):
+            return None
+    if storage.nbytes() < layout.padded_total * 4:
+        return None
+    flat = torch.empty(0, dtype=torch.float32, device=leaves[0].device)
+    return flat.set_(storage, 0, (layout.padded_total,))
+
+
 def decay_multipliers(decay_mask: optim.Mask | None, params: PyTree, plan: ShardPlan) -> torch.Tensor:
     """This rank's slice [S] of the weight-decay mask as fp32 0/1 multipliers (0 on padding).
 
@@ -176,11 +197,17 @@ class ZeroRule:
       axis: the data-parallel mesh axis.
       decay_mask: the structured-params mask handed, flattened, to a factory `optimizer`;
         None decays every element (except padding).
+      gather: how updated shards reach every rank: "all_gather", "broadcast" (one broadcast
+        per source rank, as torch's ZeroRedundancyOptimizer does) or "auto" (broadcast on
+        gloo, whose all-gather measured ~1.5-2x slower here; all_gather elsewhere). Both are
+        exact copies, so the choice never changes a result.
     """
 
     def __init__(self, optimizer: OptimizerOrFactory, mesh: Any = None, *, stage: int = 1,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, axis: str = "dp",
-                 decay_mask: optim.Mask | None = optim.default_decay_mask):
+                 decay_mask: optim.Mask | None = optim.default_decay_mask, gather: str = "auto"):
+        if gather not in GATHER_IMPLS:
+            raise ConfigError(f"zero: gather={gather!r}, expected one of {GATHER_IMPLS}")
         if stage not in (1, 2):
             raise ConfigError(f"zero: stage={stage!r}, expected 1 or 2 (stage 0 is train.Replicated; "
                               "stage 3 is not implemented)")
@@ -188,6 +215,9 @@ class ZeroRule:
             raise ConfigError(f"zero: bucket_bytes={bucket_bytes!r}, expected an int >= 4")
         self.stage, self.mesh, self.axis, self.bucket_bytes = stage, mesh, axis, bucket_bytes
         self.decay_mask = decay_mask
+        if gather == "auto":
+            gather = "broadcast" if mesh is not None and mesh.backend == "gloo" else "all_gather"
+        self.gather = gather
         self._given = optimizer
         self._optimizer: optim.GradientTransformation | None = None
         self._plan: ShardPlan | None = None
@@ -263,7 +293,9 @@ class ZeroRule:
               grad_scale: torch.Tensor) -> tuple[PyTree, PyTree]:
         """Update this rank's shard, then all-gather the new params (views of one flat buffer)."""
         plan = self._bind(params)
-        p_shard = shard_of(params, plan, what="params")                              # [S]
+        flat = flat_buffer_of(params, plan.layout)           # params from our last all-gather?
+        lo, hi = plan.shard_range
+        p_shard = shard_of(params, plan, what="params") if flat is None else flat[lo:hi]   # [S]
         g_shard = reduced * grad_scale                                               # [S]
         updates, opt_state = self._optimizer.update({FLAT: g_shard}, opt_state, {FLAT: p_shard})
         new_shard = optim.apply_updates({FLAT: p_shard}, updates)[FLAT]              # [S]
@@ -285,8 +317,12 @@ class ZeroRule:
         flat = torch.empty(plan.layout.padded_total, dtype=shard.dtype, device=shard.device)
         by_rank = flat.view(plan.dp, plan.shard_len)                                 # [dp, S]
         for start, n in plan.buckets():
-            rows = self.mesh.all_gather(shard[start:start + n], self.axis)           # [dp * n]
-            by_rank[:, start:start + n] = rows.view(plan.dp, n)
+            piece = shard[start:start + n]                                           # [n]
+            if self.gather == "all_gather":
+                by_rank[:, start:start + n] = self.mesh.all_gather(piece, self.axis).view(plan.dp, n)
+            else:  # non-source ranks send `piece` as a same-shaped buffer to receive into
+                for src in range(plan.dp):
+                    by_rank[src, start:start + n] = self.mesh.broadcast(piece, self.axis, src=src)
         return flat
 
     # -- the logical (unsharded) optimizer state, for checkpoints and resharding
@@ -326,13 +362,14 @@ def _is_flat(node: Any) -> bool:
 
 def make_rule(optimizer: OptimizerOrFactory, mesh: Any = None, *, stage: int,
               bucket_bytes: int = DEFAULT_BUCKET_BYTES, axis: str = "dp",
-              decay_mask: optim.Mask | None = optim.default_decay_mask):
+              decay_mask: optim.Mask | None = optim.default_decay_mask, gather: str = "auto"):
     """The update rule for a ZeRO stage: 0 is `train.Replicated`, 1 and 2 are `ZeroRule`."""
     if stage == 0:
         from fnllama import train  # train imports nothing from here; keep the import local
         opt = optimizer if isinstance(optimizer, optim.GradientTransformation) else optimizer(decay_mask)
         return train.Replicated(opt, mesh, axis=axis)
-    return ZeroRule(optimizer, mesh, stage=stage, bucket_bytes=bucket_bytes, axis=axis, decay_mask=decay_mask)
+    return ZeroRule(optimizer, mesh, stage=stage, bucket_bytes=bucket_bytes, axis=axis,
+                    decay_mask=decay_mask, gather=gather)
 
 
 def optimizer_state_bytes(opt_state: PyTree) -> int:

@@ -68,7 +68,7 @@ def zero_facts(rule: zero.ZeroRule, state: train.TrainState) -> dict:
     same = all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(again), optree.tree_leaves(state.opt_state)))
     return {"opt_bytes": zero.optimizer_state_bytes(state.opt_state), "full_state": full,
             "roundtrip_equal": same, "padding_zero": padding_is_zero(rule, state), "shard_len": rule.plan.shard_len,
-            "total": rule.plan.layout.total, "n_buckets": len(rule.plan.buckets())}
+            "total": rule.plan.layout.total, "n_buckets": len(rule.plan.buckets()), "gather": rule.gather}
 
 
 def padding_is_zero(rule: zero.ZeroRule, state: train.TrainState) -> bool:
@@ -94,9 +94,10 @@ def run_stages(mesh: Mesh, cfg, stages) -> dict:
 def scenario(name: str, mesh: Mesh) -> dict:
     if name == "stages":
         out = run_stages(mesh, CFG, (0, 1, 2))
-        # Stage 2 through the mesh's all-reduce fallback for reduce-scatter: bitwise the same.
+        # Stage 2 through the mesh's all-reduce fallback for reduce-scatter, and all_gather in
+        # place of broadcasts: the same sums and exact copies, so bitwise the same run.
         mesh.reduce_scatter = "allreduce"
-        rule = zero.ZeroRule(optimizer_factory, mesh, stage=2, bucket_bytes=BUCKET_BYTES)
+        rule = zero.ZeroRule(optimizer_factory, mesh, stage=2, bucket_bytes=BUCKET_BYTES, gather="all_gather")
         _, out["fallback_losses"] = train_run(CFG, rule, mesh, steps=5)
         return out
     if name == "padded":

@@ -5,7 +5,8 @@ Multi-process tests fork one process per rank from a forkserver that imported to
 computed. The reduce-scatter fallback's exactness for sizes not divisible by dp is checked
 at the collective level in tests/test_mesh.py (`check_fallback_exact`: 2n+1 elements padded
 to 3n, native vs all-reduce-then-slice, bitwise); here a whole ZeRO-2 run through the
-fallback must give bitwise the native run's losses.
+fallback (and all_gather in place of gloo's default broadcasts) must give bitwise the
+native run's losses.
 """
 
 import math
@@ -97,6 +98,7 @@ def check_zero_facts(facts: dict, dp: int, ref_state) -> None:
     assert facts["n_buckets"] > 1
     assert facts["roundtrip_equal"]                     # shard_state(gather_state(s)) == s
     assert facts["padding_zero"]
+    assert facts["gather"] == "broadcast"               # "auto" on gloo
     full, want = facts["full_state"], ref_state.opt_state
     assert optree.tree_structure(full) == optree.tree_structure(want)
     for got, exp in zip(optree.tree_leaves(full), optree.tree_leaves(want)):
@@ -119,7 +121,7 @@ def test_dp2_stages_0_1_2_match_dp1(tmp_path):
     for rank, s in enumerate(saved):
         for stage in (1, 2):
             check_zero_facts(s[stage], 2, ref_state)
-        # ZeRO-2 through the mesh's all-reduce fallback: the same sums, so the same run bitwise.
+        # ZeRO-2 through the mesh's all-reduce fallback and all_gather: the same run bitwise.
         assert s["fallback_losses"] == s[2]["losses"][:5]
     # Each rank held a different half of the state; together they are the whole (equal) state.
     for a, b in zip(optree.tree_leaves(saved[0][2]["full_state"]), optree.tree_leaves(saved[1][2]["full_state"])):
@@ -221,7 +223,10 @@ def test_one_rank_update_equals_replicated_sgd():
     opt_state = rule.init(params)
     reduced = rule.reduce_grads(grads)
     torch.testing.assert_close(rule.global_norm(reduced), optim.global_norm(grads))
+    assert zero.flat_buffer_of(params, rule.plan.layout) is None      # separate leaves
     new, _ = rule.apply(reduced, opt_state, params, grad_scale=torch.tensor(2.0))
+    flat = zero.flat_buffer_of(new, rule.plan.layout)                   # views of one buffer
+    assert flat is not None and torch.equal(flat, tree.flatten(new, rule.plan.layout))
     for (path, p), (_, g), (_, q) in zip(*(tree.paths_and_leaves(t) for t in (params, grads, new))):
         torch.testing.assert_close(q, p - g, rtol=1e-6, atol=1e-7, msg=path)
 
