@@ -290,7 +290,10 @@ class Checkpointer:
 
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours: only committed steps may be deleted
-            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=False)
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=False,
+            # Directories made inside save(): a failure raises there, and no background
+            # thread is left waiting (until orbax's timeout) for a directory that never came.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         return ocp.CheckpointManager(self.rank_dir, options=options)
 
     def _cleanup(self) -> None:
