@@ -195,3 +195,32 @@ def test_bad_tokenizer_path_before_any_output(tmp_path, demo_paths):
     with pytest.raises(DataError, match="tokenizer path does not exist"):
         run(demo_paths.parquet, tmp_path / "o", str(tmp_path / "no_tokenizer"))
     assert_nothing_written(tmp_path)
+
+
+_PEAK_CHILD = """
+import sys
+from fnllama.data.preprocess import preprocess
+preprocess(sys.argv[1], sys.argv[2], tokenizer_type="SentencePieceTokenizer",
+           tokenizer_path=sys.argv[3], batch_size=100, log_interval=0, log=lambda _: None)
+print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_peak_memory_is_flat_in_input_size(demo_paths, tmp_path):
+    import subprocess
+    import sys
+
+    doc = "Sort the words alphabetically. zebra, apple, mango, kiwi. " * 60  # ~3.5 KB
+    peaks = []
+    # 20 vs 80 record batches (7 vs 28 MB of text), row groups of 1000 rows: after a few
+    # batches the peak (read buffers, allocator pools) reaches a steady state and stays.
+    for times in (20, 80):
+        path = write_texts_parquet(tmp_path / f"x{times}.parquet",
+                                   [f"{i} {doc}" for i in range(100 * times)], 1000)
+        out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, path, str(tmp_path / "o"),
+                              demo_paths.tokenizer_model], capture_output=True, text=True,
+                             check=True).stdout
+        peaks.append(int(out) / 1024)
+    assert peaks[1] - peaks[0] < 8, f"peak RSS grew from {peaks[0]:.0f} MB to {peaks[1]:.0f} MB"

@@ -2,7 +2,7 @@
 
 `iter_batches(paths, keys, batch_size)` yields `{key: list[str | None]}` dicts of at most
 `batch_size` rows, file after file in order, so memory stays bounded however big the input:
-  * `.parquet`: pyarrow reads one record batch at a time (memory ~ one row group + one batch).
+  * `.parquet`: pyarrow reads one record batch at a time, pages streamed (memory ~ one batch).
   * `.jsonl` / `.json` lines: read line by line.
   * `.json` holding one array (the Alpaca release's shape): loaded whole; prefer jsonl/parquet
     for inputs that do not fit in memory.
@@ -59,7 +59,10 @@ def _parquet_batches(path: str, keys: list[str], batch_size: int) -> Iterator[Ba
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        # No pre-buffering (it would read every row group up front) and a buffered page
+        # stream (a row group is read page by page): memory stays ~ one record batch even for
+        # a file written as one huge row group.
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: corrupt or truncated parquet file ({e})") from e
     columns = pf.schema_arrow.names
