@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import multiprocessing
 import os
 import sys
@@ -68,7 +69,8 @@ def _encode_column(texts: list) -> tuple[np.ndarray, np.ndarray, int, int]:
         for x in ids:
             x.append(eod)
     lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    flat = np.fromiter((i for x in ids for i in x), dtype=_WORKER["dtype"], count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"],
+                       count=int(lengths.sum()))
     return lengths, flat, len(texts) - len(ids), nbytes
 
 
