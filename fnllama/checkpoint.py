@@ -323,8 +323,14 @@ class Checkpointer:
         if not force and step % self.save_interval:
             return False
         self._try_commit(block=False)
-        if step in committed_steps(self.directory):
+        committed = committed_steps(self.directory)
+        if step in committed:
             return False
+        if committed and step < committed[-1]:
+            raise CheckpointError(
+                f"step {step} is older than the newest committed step {committed[-1]} in "
+                f"{self.directory}: resume from that step or save to another directory")
+        self._pending = [s for s in self._pending if not committed or s > committed[-1]]
         if self._pending and step <= self._pending[-1]:
             raise CheckpointError(f"save step {step} after step {self._pending[-1]}: steps must increase")
         try:
@@ -340,11 +346,16 @@ class Checkpointer:
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
+            self._forget_failed()
             raise CheckpointError(f"saving step {step} to {self.rank_dir} failed: "
                                   f"{type(e).__name__}: {e}") from e
         self._pending.append(step)
         self._try_commit(block=False)
         return True
+
+    def _forget_failed(self) -> None:
+        """After an orbax error: stop waiting for steps whose part here was never written."""
+        self._pending = [s for s in self._pending if os.path.isdir(os.path.join(self.rank_dir, str(s)))]
 
     def _try_commit(self, *, block: bool) -> None:
         """Rank 0: commit pending steps, oldest first, whose parts all exist."""
@@ -390,7 +401,7 @@ class Checkpointer:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
         except Exception as e:
-            self._pending.clear()
+            self._forget_failed()
             raise CheckpointError(f"saving to {self.rank_dir} failed: {type(e).__name__}: {e}") from e
         if self.rank == 0:
             self._try_commit(block=True)

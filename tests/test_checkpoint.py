@@ -70,9 +70,8 @@ def bitwise_equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.uint8}[a.element_size()]
-        return a.dtype == torch.bool and torch.equal(a, b) or torch.equal(
-            a.contiguous().view(bits), b.contiguous().view(bits))
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
     return type(a) is type(b) and a == b
 
 
@@ -146,6 +145,8 @@ def test_interval_retention_and_keep_period(tmp_path):
         out, _ = ckpt.restore({"x": torch.tensor(0.0)}, step=4)
         assert out["x"].item() == 4.0
         assert not ckpt.save(10, {"x": torch.tensor(0.0)}, force=True)  # already committed
+        with pytest.raises(CheckpointError, match="older than the newest committed step 11"):
+            ckpt.save(9, {"x": torch.tensor(0.0)}, force=True)
 
 
 def test_async_save_is_a_snapshot(tmp_path):
@@ -259,3 +260,25 @@ def test_two_ranks_commit_only_complete_steps(tmp_path):
     ckpt = Checkpointer(directory, rank=0, world_size=1)  # a restart cleans it up
     assert ckpt.latest_step() == 3 and not os.path.exists(directory / "rank_0" / "4")
     ckpt.close()
+
+
+def test_real_train_state_round_trip_and_other_model_config(tmp_path):
+    from fnllama import random as fr
+    from fnllama.config import get_preset
+    from fnllama.train import TrainState, init_state
+
+    cfg = get_preset("tiny")
+    state = init_state(fr.key(0), cfg, optim.adamw(1e-3), compute_dtype=torch.bfloat16)
+    state = state._replace(step=torch.tensor(12), data={"epoch": 0, "index": 96})
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(12, state, {"model": {"dim": cfg.dim}})
+        ckpt.wait()
+        template = init_state(fr.key(1), cfg, optim.adamw(1e-3), compute_dtype=torch.bfloat16)
+        template = template._replace(data={"epoch": 0, "index": 0})
+        restored, _ = ckpt.restore(template)
+        assert type(restored) is TrainState
+        assert_same_tree(restored, state)
+        wider = init_state(fr.key(0), get_preset("tiny", dim=128), optim.adamw(1e-3))._replace(
+            data={"epoch": 0, "index": 0})
+        with pytest.raises(CheckpointError, match=r"params\.embed: saved shape \(256, 64\), template shape \(256, 128\)"):
+            ckpt.restore(wider)
