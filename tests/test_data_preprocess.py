@@ -10,7 +10,7 @@ import pytest
 from data_support import listdir_names, small_demo, write_texts_parquet
 from fnllama import cli
 from fnllama.data.indexed import IndexedDataset
-from fnllama.data.preprocess import cli_main, preprocess
+from fnllama.data.preprocess import preprocess
 from fnllama.data.tokenizer import load_tokenizer
 from fnllama.errors import DataError
 
