@@ -116,3 +116,30 @@ def test_quickstart_loss_falls_and_writes_its_outputs(tmp_path, monkeypatch):
     losses = _metric_losses(out / "metrics.jsonl")
     assert max(losses) == 300 and losses[300] < 0.5 * math.log(2048)
     assert (out / "ckpt" / "committed" / "300.json").exists()
+
+
+def test_init_from_hf_starts_from_those_weights(demo_prefix, tmp_path, capsys):
+    import torch
+
+    from fnllama import model
+    from fnllama import random as fr
+    from fnllama.errors import ConfigError
+    from fnllama.hf import save_hf
+
+    exp = _exp(demo_prefix, tmp_path / "hf_run", train_iters=2)
+    params = model.init(fr.key(7), exp.model)
+    hf_dir = save_hf(params, exp.model, tmp_path / "hf")
+    from_hf = train(exp.replace(train=TrainConfig(**{**exp.train.__dict__, "init_from_hf": str(hf_dir)})))
+    assert f"initialised from HF weights in {hf_dir}" in capsys.readouterr().out
+    from fnllama.data.loader import Loader
+    from fnllama.data import gpt_dataset
+    batch = next(Loader(gpt_dataset.build_split(demo_prefix, seq_length=32, seed=exp.train.seed),
+                        micro_batch_size=4))
+    with torch.no_grad():
+        expected, _ = model.loss(params, batch, exp.model)
+    assert from_hf["first_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+    wider = exp.replace(model=ModelConfig(**{**exp.model.__dict__, "dim": 64}),
+                        train=TrainConfig(**{**exp.train.__dict__, "init_from_hf": str(hf_dir)}))
+    with pytest.raises(ConfigError, match="its config.json has dim=32 but the run's model has 64"):
+        train(wider)
