@@ -40,7 +40,7 @@ buckets: S = 0.84 G elements (3.4 GB per [S] buffer) and 2 x 64 MiB in flight.
 What this does not save (yet): the train step builds the whole local grad tree before
 `reduce_grads` sees it, so stage 2 saves the reduced gradient's full copy but not the
 unreduced one; reducing buckets as backward produces them (hooks) would. Stage 3 (params
-sharded and gathered per layer) is not implemented.
+sharded and gathered per layer, grads reduce-scattered in backward) is `fnllama.zero3`.
 
 Weight decay. The optimizer sees the tree {"flat": Tensor[S]}, so a mask written for the
 structured params (e.g. `optim.default_decay_mask`, which exempts ndim <= 1 leaves) cannot
@@ -211,8 +211,8 @@ class ZeroRule:
         if gather not in GATHER_IMPLS:
             raise ConfigError(f"zero: gather={gather!r}, expected one of {GATHER_IMPLS}")
         if stage not in (1, 2):
-            raise ConfigError(f"zero: stage={stage!r}, expected 1 or 2 (stage 0 is train.Replicated; "
-                              "stage 3 is not implemented)")
+            raise ConfigError(f"zero: stage={stage!r}, expected 1 or 2 (stage 0 is train.Replicated, "
+                              "stage 3 zero3.Zero3Rule; zero.make_rule picks by stage)")
         if not isinstance(bucket_bytes, int) or bucket_bytes < 4:
             raise ConfigError(f"zero: bucket_bytes={bucket_bytes!r}, expected an int >= 4")
         self.stage, self.mesh, self.axis, self.bucket_bytes = stage, mesh, axis, bucket_bytes
@@ -365,7 +365,12 @@ def _is_flat(node: Any) -> bool:
 def make_rule(optimizer: OptimizerOrFactory, mesh: Any = None, *, stage: int,
               bucket_bytes: int = DEFAULT_BUCKET_BYTES, axis: str = "dp",
               decay_mask: optim.Mask | None = optim.default_decay_mask, gather: str = "auto"):
-    """The update rule for a ZeRO stage: 0 is `train.Replicated`, 1 and 2 are `ZeroRule`."""
+    """The update rule for a ZeRO stage: 0 is `train.Replicated`, 1 and 2 are `ZeroRule`, 3 is
+    `zero3.Zero3Rule` (which needs `loss_fn=rule.loss_fn` and sharded params, see there)."""
+    if stage == 3:
+        from fnllama import zero3  # zero3 builds on this module
+        return zero3.Zero3Rule(optimizer, mesh, bucket_bytes=bucket_bytes, axis=axis,
+                               decay_mask=decay_mask, gather=gather)
     if stage == 0:
         from fnllama import train  # train imports nothing from here; keep the import local
         opt = optimizer if isinstance(optimizer, optim.GradientTransformation) else optimizer(decay_mask)

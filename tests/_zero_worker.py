@@ -18,7 +18,7 @@ import sys
 import optree
 import torch
 
-from fnllama import config, optim, train, zero
+from fnllama import config, optim, train, zero, zero3
 from fnllama import random as fr
 from fnllama.mesh import Mesh
 
@@ -54,7 +54,10 @@ def train_run(cfg, rule, mesh, steps: int = STEPS) -> tuple[train.TrainState, li
     """`steps` steps of the global batches, this rank's rows only; returns state and losses."""
     dp, rank = (1, 0) if mesh is None else (mesh.size("dp"), mesh.rank("dp"))
     state = train.init_state(fr.key(0), cfg, rule)
-    step = train.make_train_step(cfg, rule, mesh=mesh, clip_grad=1.0)
+    extra = {}
+    if isinstance(rule, zero3.Zero3Rule):
+        state, extra = rule.shard_train_state(state), {"loss_fn": rule.loss_fn}
+    step = train.make_train_step(cfg, rule, mesh=mesh, clip_grad=1.0, **extra)
     losses = []
     for batch in global_batches(steps):
         state, metrics = step(state, rank_rows(batch, rank, dp))
@@ -91,11 +94,22 @@ def run_stages(mesh: Mesh, cfg, stages) -> dict:
     return out
 
 
+def run_stage3(mesh: Mesh, cfg) -> dict:
+    rule = zero3.Zero3Rule(optimizer_factory, mesh, bucket_bytes=BUCKET_BYTES)
+    state, losses = train_run(cfg, rule, mesh)
+    return {"losses": losses, "params": rule.gather_params(state.params), "stats": dict(rule.stats),
+            "opt_bytes": zero.optimizer_state_bytes(state.opt_state),
+            "param_bytes": zero.optimizer_state_bytes(state.params),
+            "unit_shards": [u.plan.shard_len for u in rule.units],
+            "unit_totals": [u.plan.layout.total for u in rule.units]}
+
+
 def scenario(name: str, mesh: Mesh) -> dict:
     if name == "stages":
         out = run_stages(mesh, CFG, (0, 1, 2))
         # Stage 2 through the mesh's all-reduce fallback for reduce-scatter, and all_gather in
         # place of broadcasts: the same sums and exact copies, so bitwise the same run.
+        out[3] = run_stage3(mesh, CFG)
         mesh.reduce_scatter = "allreduce"
         rule = zero.ZeroRule(optimizer_factory, mesh, stage=2, bucket_bytes=BUCKET_BYTES, gather="all_gather")
         _, out["fallback_losses"] = train_run(CFG, rule, mesh, steps=5)

@@ -22,7 +22,7 @@ import optree
 import pytest
 import torch
 
-from fnllama import optim, tree, zero
+from fnllama import optim, train, tree, zero, zero3
 from fnllama.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,7 +111,7 @@ def check_zero_facts(facts: dict, dp: int, ref_state) -> None:
 # ------------------------------------------------------------------ multi-process
 
 
-def test_dp2_stages_0_1_2_match_dp1(tmp_path):
+def test_dp2_stages_0_1_2_3_match_dp1(tmp_path):
     saved = run_world("stages", 2, tmp_path)
     ref_state, ref_losses = reference(worker.CFG)
     for stage in (0, 1, 2):
@@ -123,6 +123,17 @@ def test_dp2_stages_0_1_2_match_dp1(tmp_path):
             check_zero_facts(s[stage], 2, ref_state)
         # ZeRO-2 through the mesh's all-reduce fallback and all_gather: the same run bitwise.
         assert s["fallback_losses"] == s[2]["losses"][:5]
+    # Stage 3: params sharded per unit (rest, layer 0, layer 1), gathered per layer.
+    assert_ranks_agree(saved, lambda s: s[3]["losses"], lambda s: s[3]["params"])
+    assert_matches_reference(saved[0][3]["losses"], saved[0][3]["params"], ref_state, ref_losses, "dp=2 stage 3")
+    for s in saved:
+        z3 = s[3]
+        assert z3["unit_shards"] == [math.ceil(t / 2) for t in z3["unit_totals"]]
+        assert z3["opt_bytes"] == sum(z3["unit_shards"]) * 2 * 4 and z3["param_bytes"] == sum(z3["unit_shards"]) * 4
+        units = 1 + worker.CFG.n_layers
+        # Each unit gathered once in forward, once more in backward, never two layers at once.
+        assert z3["stats"] == {"gathers": units * worker.STEPS, "regathers": units * worker.STEPS,
+                               "max_regathered": 2}
     # Each rank held a different half of the state; together they are the whole (equal) state.
     for a, b in zip(optree.tree_leaves(saved[0][2]["full_state"]), optree.tree_leaves(saved[1][2]["full_state"])):
         assert torch.equal(a, b)
@@ -234,6 +245,7 @@ def test_one_rank_update_equals_replicated_sgd():
 def test_bad_arguments_name_what_was_expected():
     with pytest.raises(ConfigError, match="stage=3, expected 1 or 2"):
         zero.ZeroRule(optim.sgd(0.1), None, stage=3)
+    assert isinstance(zero.make_rule(optim.sgd(0.1), None, stage=3), zero3.Zero3Rule)
     with pytest.raises(ConfigError, match="bucket_bytes"):
         zero.ZeroRule(optim.sgd(0.1), None, bucket_bytes=0)
     rule = zero.ZeroRule(optim.adamw(1e-3), None)
@@ -245,3 +257,18 @@ def test_bad_arguments_name_what_was_expected():
         rule.shard_state({"mu": 1})
     with pytest.raises(ValueError, match="leaf 'embed' has shape"):
         rule.reduce_grads({**params, "embed": torch.zeros(3, 3)})
+
+
+def test_stage3_one_rank_shards_round_trip_and_rejects_recompute():
+    params = _tiny_params()
+    rule = zero3.Zero3Rule(worker.optimizer_factory, None, bucket_bytes=4096)
+    state = rule.shard_train_state(train.init_state(worker.fr.key(0), worker.CFG, rule, params=params))
+    assert sorted(state.params) == ["layers", "rest"] and len(state.params["layers"]) == worker.CFG.n_layers
+    gathered = rule.gather_params(state.params)
+    for (path, a), (_, b) in zip(tree.paths_and_leaves(gathered), tree.paths_and_leaves(params)):
+        assert torch.equal(a, b), path
+    batch = worker.global_batches(1)[0]
+    with pytest.raises(ConfigError, match="recompute='full' is not supported"):
+        rule.loss_fn(state.params, batch, worker.CFG, recompute="full")
+    with pytest.raises(ValueError, match="full params first"):
+        zero3.Zero3Rule(optim.sgd(0.1), None).init(state.params)
