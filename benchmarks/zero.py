@@ -1,10 +1,11 @@
-"""fnllama ZeRO-1/2 vs torch DDP + ZeroRedundancyOptimizer(AdamW), dp=2 on gloo, in one run.
+"""fnllama ZeRO-1/2/3 vs torch DDP + ZeroRedundancyOptimizer(AdamW), dp=2 on gloo, in one run.
 
 Both sides train the same LLaMA (fnllama's param tree loaded into
 `transformers.LlamaForCausalLM`) on the same per-rank batch, fp32 on CPU, with AdamW
 (weight decay on every tensor, as torch's AdamW does) and global-norm clipping at 1.0:
 
   fnllama ZeRO-1 / ZeRO-2   train.make_train_step(cfg, zero.ZeroRule(..., stage=1|2))
+  fnllama ZeRO-3            zero3.Zero3Rule: params sharded too, gathered layer by layer
   torch                     DistributedDataParallel(model) + clip_grad_norm_ +
                             ZeroRedundancyOptimizer(optimizer_class=torch.optim.AdamW)
 
@@ -59,9 +60,13 @@ def hf_model(cfg, params):
 
 def fnllama_trainer(cfg, params, mesh, stage: int, bucket_bytes: int):
     opt = optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)   # decay all, as torch
-    rule = zero.ZeroRule(opt, mesh, stage=stage, bucket_bytes=bucket_bytes)
-    box = {"state": train.init_state(fr.key(0), cfg, rule, params=params)}
-    step = train.make_train_step(cfg, rule, mesh=mesh, clip_grad=1.0)
+    rule = zero.make_rule(opt, mesh, stage=stage, bucket_bytes=bucket_bytes)
+    state = train.init_state(fr.key(0), cfg, rule, params=params)
+    extra = {}
+    if stage == 3:   # params sharded; the loss gathers them layer by layer
+        state, extra = rule.shard_train_state(state), {"loss_fn": rule.loss_fn}
+    box = {"state": state}
+    step = train.make_train_step(cfg, rule, mesh=mesh, clip_grad=1.0, **extra)
 
     def run(batch):
         box["state"], metrics = step(box["state"], batch)
@@ -114,7 +119,8 @@ def rank_main(rank: int, args, port: int) -> None:
     cfg = config.get_preset(args.preset)
     with Mesh.create({"dp": 2}, device_type="cpu", timeout_s=600) as mesh:
         params = train.init_state(fr.key(0), cfg, optim.sgd(0.0)).params
-        trainers = {f"fnllama ZeRO-{s}": fnllama_trainer(cfg, params, mesh, s, args.bucket_mb << 20) for s in (1, 2)}
+        trainers = {f"fnllama ZeRO-{s}": fnllama_trainer(cfg, params, mesh, s, args.bucket_mb << 20)
+                    for s in args.stages}
         trainers[TORCH] = torch_trainer(cfg, params)
         times = {name: [] for name in trainers}
         losses = {name: [] for name in trainers}
@@ -160,6 +166,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stages", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3],
+                        help="fnllama ZeRO stages to time, e.g. 1,2")
     parser.add_argument("--tune-malloc", action="store_true", help="raise glibc's mmap/trim thresholds (all trainers)")
     parser.add_argument("--bucket-mb", type=int, default=zero.DEFAULT_BUCKET_BYTES >> 20)
     args = parser.parse_args()

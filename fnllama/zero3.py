@@ -147,6 +147,7 @@ class Zero3Rule:
 
     def _gather(self, shard: torch.Tensor, u: int) -> PyTree:
         self.stats["gathers"] += 1
+        self.regathered.pop(u, None)          # stale only if a previous backward was abandoned
         full = _GatherUnit.apply(shard, self, u) if shard.requires_grad else self.units[u].gather_flat(shard)
         self._live[u] = full
         self._shards[u] = shard.detach()
