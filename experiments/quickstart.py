@@ -67,7 +67,7 @@ def get_config(data_dir: str = DATA_DIR, output_dir: str = OUTPUT_DIR, *, precis
                         tokenizer_model=tokenizer),
         parallel=ParallelConfig(),
         train=TrainConfig(seq_length=128, micro_batch_size=16, global_batch_size=16, train_iters=train_iters,
-                          precision=precision, seed=seed, log_interval=10, output_dir=output_dir,
+                          precision=precision, seed=seed, log_interval=1, output_dir=output_dir,
                           save=os.path.join(output_dir, "ckpt"), save_interval=100),
     )
 
