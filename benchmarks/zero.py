@@ -117,7 +117,7 @@ def rank_main(rank: int, args, port: int) -> None:
     if args.tune_malloc:
         tune_glibc_malloc()
     cfg = config.get_preset(args.preset)
-    with Mesh.create({"dp": 2}, device_type="cpu", timeout_s=600) as mesh:
+    with Mesh.create({"dp": 2}, device_type="cpu", timeout_s=600, reduce_scatter=args.reduce_scatter) as mesh:
         params = train.init_state(fr.key(0), cfg, optim.sgd(0.0)).params
         trainers = {f"fnllama ZeRO-{s}": fnllama_trainer(cfg, params, mesh, s, args.bucket_mb << 20)
                     for s in args.stages}
@@ -143,7 +143,8 @@ def rank_main(rank: int, args, port: int) -> None:
 def report(cfg, args, times, losses, peaks) -> None:
     n = config.num_params(cfg)
     print(f"preset {args.preset}: {n / 1e6:.2f} M params; dp=2 gloo; per rank {args.rows} x {args.seq} tokens; "
-          f"{args.threads} thread(s)/rank; tune_malloc={args.tune_malloc}; bucket {args.bucket_mb} MiB; "
+          f"{args.threads} thread(s)/rank; tune_malloc={args.tune_malloc}; reduce_scatter={args.reduce_scatter}; "
+          f"bucket {args.bucket_mb} MiB; "
           f"{args.steps} timed steps after {args.warmup} warm-up; load avg before: {args.load}")
     ref = statistics.median(times[TORCH])
     print(f"{'trainer':<18} {'s/step (median)':>16} {'min':>8} {'torch/this':>11} {'paired':>7} "
@@ -168,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stages", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3],
                         help="fnllama ZeRO stages to time, e.g. 1,2")
+    parser.add_argument("--reduce-scatter", default="auto", choices=("auto", "native", "allreduce"),
+                        help="the mesh's reduce-scatter (ZeRO-2/3): gloo's own or all-reduce + slice")
     parser.add_argument("--tune-malloc", action="store_true", help="raise glibc's mmap/trim thresholds (all trainers)")
     parser.add_argument("--bucket-mb", type=int, default=zero.DEFAULT_BUCKET_BYTES >> 20)
     args = parser.parse_args()

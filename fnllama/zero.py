@@ -32,15 +32,18 @@ rank r, which is exactly its shard's next n_k elements, and all-gathering row r 
 bucket on every rank. The bucket is filled straight from the grad leaves (no concatenated
 copy of the grads is ever made), so besides the tensors the step must hold anyway (the
 grad tree autograd returns, the params, and the new params the pure step returns), ZeRO
-allocates only: the grad shard [S], the param shard and its update [S] each, the optimizer's
+allocates only: the grad shard [S], the param shard (a view when the params are the flat
+buffer the previous `apply` returned) and its update [S], the optimizer's
 per-step temporaries on [S], and one bucket (plus the collective's own copy of it) at a time
 -- O(total/dp + bucket), never a second full-size buffer. A 7B model at dp=8 with 64 MiB
 buckets: S = 0.84 G elements (3.4 GB per [S] buffer) and 2 x 64 MiB in flight.
 
-What this does not save (yet): the train step builds the whole local grad tree before
-`reduce_grads` sees it, so stage 2 saves the reduced gradient's full copy but not the
-unreduced one; reducing buckets as backward produces them (hooks) would. Stage 3 (params
-sharded and gathered per layer, grads reduce-scattered in backward) is `fnllama.zero3`.
+Stage 1 vs 2 here. Neither ever holds a full reduced gradient (the reduction goes bucket by
+bucket into the [S] shard), so their memory is the same; they differ in traffic: stage 1
+all-reduces each bucket (what DDP sends) and keeps its row, stage 2 reduce-scatters it (half
+the bytes where the backend has a native reduce-scatter). What neither saves: the train step
+builds the whole local grad tree before `reduce_grads` sees it; reducing buckets as backward
+produces them would. `fnllama.zero3` does that per layer, with the params sharded too.
 
 Weight decay. The optimizer sees the tree {"flat": Tensor[S]}, so a mask written for the
 structured params (e.g. `optim.default_decay_mask`, which exempts ndim <= 1 leaves) cannot
