@@ -52,6 +52,10 @@ def _unsharded(sharded: PyTree) -> list[torch.Tensor]:
     return [sharded["rest"], *sharded["layers"]]
 
 
+def _is_sharded(node: Any) -> bool:
+    return isinstance(node, dict) and set(node) == {"rest", "layers"} and isinstance(node["rest"], torch.Tensor)
+
+
 class _Token:
     """What autograd saves in place of a gathered weight: which unit, and where in it."""
 
@@ -128,6 +132,28 @@ class Zero3Rule:
         """The full param tree from every rank's shards (views of one buffer per unit)."""
         return join_units([tree.unflatten(r.gather_flat(s), r.plan.layout)
                            for s, r in zip(_unsharded(sharded), self.units)])
+
+    def gather_state(self, opt_state: PyTree) -> PyTree:
+        """The logical optimizer state (shaped as `optimizer.init(params)` would make it)."""
+        def gather(node):
+            if _is_sharded(node):
+                return self.gather_params(node)
+            return node.clone() if isinstance(node, torch.Tensor) else node
+        return optree.tree_map(gather, opt_state, is_leaf=_is_sharded, none_is_leaf=True)
+
+    def shard_state(self, full_opt_state: PyTree) -> PyTree:
+        """This rank's shards of a logical optimizer state (from `gather_state`, any dp)."""
+        meta = _sharded([torch.empty(u.plan.shard_len, device="meta") for u in self.units])
+        nodes, spec = optree.tree_flatten(self._optimizer.init(meta), is_leaf=_is_sharded, none_is_leaf=True)
+        try:
+            parts = spec.flatten_up_to(full_opt_state)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"zero stage 3 shard_state: the optimizer state does not have the "
+                             f"structure this optimizer makes: {e}") from None
+        out = [self.shard_params(part) if _is_sharded(node)
+               else (part.clone() if isinstance(part, torch.Tensor) else part)
+               for node, part in zip(nodes, parts)]
+        return optree.tree_unflatten(spec, out)
 
     def shard_train_state(self, state: Any) -> Any:
         """A TrainState from `train.init_state` with its full params replaced by shards."""

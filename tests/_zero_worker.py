@@ -97,7 +97,11 @@ def run_stages(mesh: Mesh, cfg, stages) -> dict:
 def run_stage3(mesh: Mesh, cfg) -> dict:
     rule = zero3.Zero3Rule(optimizer_factory, mesh, bucket_bytes=BUCKET_BYTES)
     state, losses = train_run(cfg, rule, mesh)
+    full = rule.gather_state(state.opt_state)
+    again = rule.shard_state(full)
+    same = all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(again), optree.tree_leaves(state.opt_state)))
     return {"losses": losses, "params": rule.gather_params(state.params), "stats": dict(rule.stats),
+            "full_state": full, "roundtrip_equal": same,
             "opt_bytes": zero.optimizer_state_bytes(state.opt_state),
             "param_bytes": zero.optimizer_state_bytes(state.params),
             "unit_shards": [u.plan.shard_len for u in rule.units],

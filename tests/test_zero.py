@@ -99,7 +99,11 @@ def check_zero_facts(facts: dict, dp: int, ref_state) -> None:
     assert facts["roundtrip_equal"]                     # shard_state(gather_state(s)) == s
     assert facts["padding_zero"]
     assert facts["gather"] == "broadcast"               # "auto" on gloo
-    full, want = facts["full_state"], ref_state.opt_state
+    assert_logical_state(facts["full_state"], ref_state.opt_state)
+
+
+def assert_logical_state(full, want) -> None:
+    """gather_state gave the state a dp=1 replicated optimizer has (structure, counts, moments)."""
     assert optree.tree_structure(full) == optree.tree_structure(want)
     for got, exp in zip(optree.tree_leaves(full), optree.tree_leaves(want)):
         if got.ndim == 0:
@@ -134,6 +138,8 @@ def test_dp2_stages_0_1_2_3_match_dp1(tmp_path):
         # Each unit gathered once in forward, once more in backward, never two layers at once.
         assert z3["stats"] == {"gathers": units * worker.STEPS, "regathers": units * worker.STEPS,
                                "max_regathered": 2}
+        assert z3["roundtrip_equal"]
+        assert_logical_state(z3["full_state"], ref_state.opt_state)
     # Each rank held a different half of the state; together they are the whole (equal) state.
     for a, b in zip(optree.tree_leaves(saved[0][2]["full_state"]), optree.tree_leaves(saved[1][2]["full_state"])):
         assert torch.equal(a, b)
