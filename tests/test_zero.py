@@ -140,6 +140,12 @@ def test_dp2_stages_0_1_2_3_match_dp1(tmp_path):
                                "max_regathered": 2}
         assert z3["roundtrip_equal"]
         assert_logical_state(z3["full_state"], ref_state.opt_state)
+    # A state saved at dp=2 restores at dp=1: resharded, then gathered again, bitwise the same.
+    one = zero.ZeroRule(worker.optimizer_factory, None, stage=1)
+    one.init(ref_state.params)
+    restored = one.shard_state(saved[0][2]["full_state"])
+    for a, b in zip(optree.tree_leaves(one.gather_state(restored)), optree.tree_leaves(saved[0][2]["full_state"])):
+        assert torch.equal(a, b)
     # Each rank held a different half of the state; together they are the whole (equal) state.
     for a, b in zip(optree.tree_leaves(saved[0][2]["full_state"]), optree.tree_leaves(saved[1][2]["full_state"])):
         assert torch.equal(a, b)
