@@ -149,6 +149,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _positive(self, "dp", "nproc_per_node", "nnodes")
         _positive(self, "node_rank", minimum=0)
+        if self.zero_stage == 3:  # fnllama.zero3 exists; the run loop does not wire it in yet
+            raise ConfigError("--zero-stage 3 is not supported by fnllama train yet (use 1 or 2; "
+                              "fnllama.zero3.Zero3Rule works from Python)")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"--zero-stage {self.zero_stage!r}: expected 0, 1 or 2")
         if self.node_rank >= self.nnodes:

@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-step", type=int, help="with --load/--resume: restore this step")
     g.add_argument("--resume", action="store_true", help="restore from --save when it holds a checkpoint")
     g = p.add_argument_group("distributed")
-    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2])
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     for flag in ("--nproc-per-node", "--nnodes", "--node-rank", "--master-port", "--dp"):
         g.add_argument(flag, type=int)
     g.add_argument("--master-addr")
