@@ -130,7 +130,7 @@ def lookup_peak_tflops(device_name: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0) -> float:
     """Measured CPU matmul TFLOP/s: the best of repeated [n, n] @ [n, n] products.
 
     Cached per (dtype, n, seconds), so a run measures once. It stands in for a datasheet peak

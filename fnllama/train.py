@@ -133,8 +133,10 @@ class UpdateRule(Protocol):
 class Replicated:
     """Every rank holds all optimizer state; grads are all-reduced over `dp` in one flat buffer."""
 
-    def __init__(self, optimizer: optim.GradientTransformation, mesh: Any = None, *, axis: str = "dp"):
+    def __init__(self, optimizer: optim.GradientTransformation, mesh: Any = None, *, axis: str = "dp",
+                 compile: bool = False):
         self.optimizer, self.mesh, self.axis = optimizer, mesh, axis
+        self._update = _maybe_compile(self._scaled_update, compile)
 
     def _dp(self) -> int:
         return 1 if self.mesh is None else self.mesh.size(self.axis)
@@ -159,10 +161,14 @@ class Replicated:
     def global_norm(self, reduced: PyTree) -> torch.Tensor:
         return optim.global_norm(reduced)
 
-    def apply(self, reduced, opt_state, params, *, grad_scale):
-        grads = optree.tree_map(lambda g: g * grad_scale, reduced)
+    def _scaled_update(self, reduced, opt_state, params, grad_scale):
+        leaves, spec = optree.tree_flatten(reduced)
+        grads = optree.tree_unflatten(spec, torch._foreach_mul(leaves, grad_scale))
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optim.apply_updates(params, updates), opt_state
+
+    def apply(self, reduced, opt_state, params, *, grad_scale):
+        return self._update(reduced, opt_state, params, grad_scale)
 
 
 def as_rule(optimizer_or_rule: Any, mesh: Any = None) -> UpdateRule:
@@ -242,6 +248,8 @@ def make_train_step(cfg: ModelConfig, rule: Any, *, mesh: Any = None,
       skip_nan: on a non-finite loss/grad in bf16/fp32, skip the update and count it instead of raising.
       loss_fn: `loss_fn(params, batch, cfg, recompute=...) -> (mean_loss, num_tokens)`.
     """
+    if compile and isinstance(rule, optim.GradientTransformation):
+        rule = Replicated(rule, mesh, compile=True)   # the optimizer update is compiled too
     rule = as_rule(rule, mesh)
     fp16 = compute_dtype == torch.float16
     device.tune_host_allocator()   # fresh buffers every step: let glibc reuse them (see its docstring)
