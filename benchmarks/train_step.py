@@ -23,21 +23,6 @@ from fnllama import config, hf, metrics, optim, train
 from fnllama import random as fr
 
 
-def hf_model_from(params, cfg):
-    import transformers
-    hf_cfg = transformers.LlamaConfig(**config.to_hf(cfg))
-    hf_cfg._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(hf_cfg).float()
-    state = {}
-    for name, (path, _) in hf.hf_tensors(cfg).items():
-        leaf = params
-        for p in path:
-            leaf = leaf[p]
-        state[name] = leaf.detach().clone()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
-
 
 def make_fnllama(cfg, params, compile_: bool):
     opt = optim.adamw(1e-4, weight_decay=0.1)
@@ -52,7 +37,7 @@ def make_fnllama(cfg, params, compile_: bool):
 
 
 def make_reference(cfg, params, compile_: bool):
-    model = hf_model_from(params, cfg)
+    model = hf.to_transformers(params, cfg)
     forward = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
 

@@ -30,7 +30,6 @@ import statistics
 import time
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -41,21 +40,6 @@ from fnllama.mesh import Mesh
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.1
 TORCH = "torch DDP+ZeRO"
 
-
-def hf_model(cfg, params):
-    """A LlamaForCausalLM holding fnllama's `params` (same names as fnllama.hf exports)."""
-    import transformers
-    hf_cfg = transformers.LlamaConfig(**config.to_hf(cfg))
-    hf_cfg._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(hf_cfg).float()
-    weights = {}
-    for name, (path, _) in hf.hf_tensors(cfg).items():
-        leaf = params
-        for key in path:
-            leaf = leaf[key]
-        weights[name] = leaf.detach().clone()
-    model.load_state_dict(weights, strict=False)
-    return model
 
 
 def fnllama_trainer(cfg, params, mesh, stage: int, bucket_bytes: int):
@@ -77,7 +61,7 @@ def fnllama_trainer(cfg, params, mesh, stage: int, bucket_bytes: int):
 def torch_trainer(cfg, params):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
-    model = DistributedDataParallel(hf_model(cfg, params))
+    model = DistributedDataParallel(hf.to_transformers(params, cfg))
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
 

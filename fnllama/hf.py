@@ -366,3 +366,21 @@ def save_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def to_transformers(params: Params, cfg: ModelConfig):
+    """An in-memory `transformers.LlamaForCausalLM` (fp32, SDPA attention) holding copies of `params`.
+
+    For side-by-side comparisons and benchmarks; `save_hf` is the way to hand weights to other tools.
+    """
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(**to_hf(cfg))
+    hf_cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(hf_cfg).float()
+    weights = {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in _hf_state(params, cfg).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise HFError(f"to_transformers: missing {missing}, unexpected {unexpected}")
+    return model

@@ -67,7 +67,6 @@ class _ArgParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _ArgParser(prog="fnllama train", description=__doc__.split("\n")[0],
                    argument_default=argparse.SUPPRESS)
-    a = p.add_argument
     g = p.add_argument_group("experiment")
     g.add_argument("--config", help="experiments/NAME.py with get_config() (or a saved config.json)")
     g.add_argument("--dry-run", action="store_true", help="print the config and plan, do not train")

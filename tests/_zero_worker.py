@@ -21,6 +21,7 @@ import torch
 from fnllama import config, optim, train, zero, zero3
 from fnllama import random as fr
 from fnllama.mesh import Mesh
+from synthetic import counting_batches
 
 CFG = config.get_preset("tiny")
 # dim 66 = 2 mod 4: the flat size is not a multiple of 4, so dp=4 shards end in padding.
@@ -31,13 +32,7 @@ BUCKET_BYTES = 64 * 1024   # small, so the tiny model's shards span several buck
 
 
 def global_batches(n: int = STEPS, rows: int = ROWS, seq: int = SEQ, seed: int = 0) -> list[dict]:
-    """Learnable synthetic data: each row counts up (mod 64) from a random start."""
-    out = []
-    for i in range(n):
-        start = fr.randint(fr.fold_in(fr.key(seed), i), (rows, 1), 0, 64)
-        seqs = (start + torch.arange(seq + 1)) % 64 + 3
-        out.append({"tokens": seqs[:, :-1], "labels": seqs[:, 1:]})
-    return out
+    return counting_batches(seed, n, rows=rows, seq=seq)
 
 
 def rank_rows(batch: dict, rank: int, dp: int) -> dict:

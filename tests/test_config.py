@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from fnllama import config, model
 from fnllama import random as fr

@@ -7,18 +7,13 @@ import torch
 from fnllama import config, hf, model, optim, train
 from fnllama import random as fr
 from fnllama.tree import paths_and_leaves
+from synthetic import counting_batches
 
 CFG = config.get_preset("tiny")
 
 
-def _batches(seed: int, n: int, rows: int = 8, seq: int = 32, vocab: int = CFG.vocab_size):
-    """Learnable synthetic data: each row counts up from a random start (mod a small period)."""
-    out = []
-    for i in range(n):
-        start = fr.randint(fr.fold_in(fr.key(seed), i), (rows, 1), 0, 64)
-        seqs = (start + torch.arange(seq + 1)) % 64 + 3
-        out.append({"tokens": seqs[:, :-1], "labels": seqs[:, 1:]})
-    return out
+def _batches(seed: int, n: int, rows: int = 8, seq: int = 32):
+    return counting_batches(seed, n, rows=rows, seq=seq)
 
 
 def _adamw(steps=50):
