@@ -205,7 +205,7 @@ class Throughput:
     def seed_line(self) -> str:
         """'4.804 samples/s/p, 2459.6 tokens/s/p, 6.66 s/step, 147.4 TFLOP/s' (+ MFU)."""
         line = (f"{self.samples_per_s_per_device:.3f} samples/s/p, {self.tokens_per_s_per_device:.1f} "
-                f"tokens/s/p, {self.s_per_step:.2f} s/step, {self.tflops_per_device:.1f} TFLOP/s")
+                f"tokens/s/p, {self.s_per_step:.3g} s/step, {self.tflops_per_device:.4g} TFLOP/s")
         return line if self.mfu is None else f"{line}, MFU {100 * self.mfu:.1f}%"
 
 
@@ -364,13 +364,13 @@ class MetricsLogger:
         n, skip = len(self._times), min(self.warmup_steps, len(self._times) - 1)
         first, last = self._times[skip][0], self._times[-1][0]
         mfu = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}%"
-        peak = "unknown" if self.peak_tflops is None else f"{self.peak_tflops:.1f}"
+        peak = "unknown" if self.peak_tflops is None else f"{self.peak_tflops:.4g}"
         rows = [
             f"throughput per device, mean over iterations {first}..{last} "
             f"({n - skip} of {n} steps; the first {skip} skipped as warm-up):",
             f"  {'samples/s/p':>12} {'tokens/s/p':>11} {'s/step':>8} {'TFLOP/s':>8} {'MFU':>6}  (peak {peak} TFLOP/s)",
             f"  {result.samples_per_s_per_device:>12.3f} {result.tokens_per_s_per_device:>11.1f} "
-            f"{result.s_per_step:>8.2f} {result.tflops_per_device:>8.1f} {mfu:>6}",
+            f"{result.s_per_step:>8.3g} {result.tflops_per_device:>8.4g} {mfu:>6}",
             result.seed_line(),
         ]
         if self._bar is not None:

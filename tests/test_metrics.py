@@ -196,7 +196,7 @@ def test_metrics_logger_jsonl_lines_and_summary(tmp_path):
     text = out.getvalue()
     assert "iteration 2/6 | loss 8.5 |" in text
     assert "mean over iterations 3..6 (4 of 6 steps; the first 2 skipped as warm-up)" in text
-    assert "2.667 samples/s/p, 341.3 tokens/s/p, 1.50 s/step, 0.3 TFLOP/s, MFU 3.4%" in text
+    assert "2.667 samples/s/p, 341.3 tokens/s/p, 1.5 s/step, 0.3413 TFLOP/s, MFU 3.4%" in text
 
 
 def test_metrics_logger_progress_bar_and_cpu_memory(tmp_path):
