@@ -11,6 +11,20 @@ Template leaves may be meta tensors, so nothing needs allocating twice. Storing 
 rather than a pickled treespec keeps the files readable by any tool and makes a mismatch
 (missing leaf, other shape) an error that names the parameter.
 
+Sharded leaves and resharding. `save(..., shards={path: Shard(group, start, total)})` marks
+leaves that are a slice of a *logical* flat buffer: the leaf's elements (row-major) are the
+buffer's elements [start, start + numel), the buffer has `total` elements, and anything past
+`total` is zero padding. ZeRO saves each rank's optimizer shard this way (group
+"opt_state.0.mu", start = the rank's offset in the flat layout); a replicated optimizer saves
+each moment leaf with its offset in the same layout, so both forms describe one logical state.
+`restore(..., shards=...)` asks for slices of the same groups: when the saved part of this rank
+has exactly the requested slices it is read as is; otherwise (another world size or ZeRO
+stage) this rank reads, one old rank at a time and only the leaves that overlap, the pieces it
+needs (orbax partial restore of that rank's `arrays`), so its peak is about its new shard plus
+one old rank's shards, never the whole state (except when the saved state is replicated: then
+rank 0's full moments are read once). Unsharded leaves (params, step, key, ...) come from this
+rank's part, or rank 0's when this rank did not exist in the saved world.
+
 Multi-process runs (torchrun; orbax's own multi-host machinery needs `jax.distributed`, which
 fnllama does not start, so every process looks like orbax process 0) write one orbax
 `CheckpointManager` directory per rank, and commit a step for the whole world by hand.
@@ -22,6 +36,7 @@ On-disk layout::
         <step>/                    one orbax step (appears by atomic rename when complete)
           arrays/                  StandardSave of {leaf path: np.ndarray} (OCDBT + zarr)
           meta/metadata            JSON: format, step, rank, world_size, per-leaf kind/dtype/shape
+                                   (+ "shard": {group, start, total} for sharded leaves)
           config/metadata          JSON: the run's config dict ({} when none was given)
           _CHECKPOINT_METADATA     orbax's own
         <step>.orbax-checkpoint-tmp   a save in flight (or the leftovers of a killed one)
@@ -54,7 +69,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import optree
@@ -74,6 +89,16 @@ _SPECIAL_DTYPES = {  # torch dtypes numpy lacks: same bits through an integer vi
 
 
 # ----------------------------------------------------------------------------------- leaves
+
+
+class Shard(NamedTuple):
+    """A leaf that is the slice [start, start + numel) of the logical flat buffer `group`.
+
+    The buffer has `total` elements; positions at or past `total` are zero padding.
+    """
+    group: str
+    start: int
+    total: int
 
 
 def _entry_name(entry: Any) -> str:
@@ -150,6 +175,13 @@ def encode(state: PyTree) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
 def check_template(metas: dict[str, dict], target: PyTree, where: str) -> None:
     """Raise one CheckpointError listing every way `target` does not fit the saved leaves."""
     paths, leaves, _ = leaf_paths(target)
+    problems = template_problems(metas, paths, leaves)
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not fit the template: " + "; ".join(problems))
+
+
+def template_problems(metas: dict[str, dict], paths: list[str], leaves: list[Any]) -> list[str]:
+    """Every way the template leaves (`paths`, `leaves`) do not fit the saved `metas`."""
     saved, wanted = set(metas), set(paths)
     problems = []
     if wanted - saved:
@@ -167,8 +199,7 @@ def check_template(metas: dict[str, dict], target: PyTree, where: str) -> None:
             problems.append(f"{path}: saved shape {tuple(meta['shape'])}, template shape {tuple(want['shape'])}")
         elif meta["kind"] == "tensor" and meta["dtype"] != want["dtype"]:
             problems.append(f"{path}: saved dtype {meta['dtype']}, template dtype {want['dtype']}")
-    if problems:
-        raise CheckpointError(f"checkpoint {where} does not fit the template: " + "; ".join(problems))
+    return problems
 
 
 def decode(arrays: dict[str, np.ndarray], metas: dict[str, dict], device: Any = None) -> dict[str, Any]:
@@ -252,12 +283,15 @@ class Checkpointer:
       commit_timeout_s: how long `wait()` waits for the other ranks' parts.
       barrier: called once after start-up cleanup when world_size > 1; default
         `torch.distributed.barrier` (a process group must exist then).
+      read_only: only read (restore, list steps): the directory must exist, nothing is
+        created or cleaned up (safe next to a run that is writing), no barrier; `save` raises.
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_interval: int = 1,
                  max_to_keep: int | None = None, keep_period: int | None = None,
                  async_save: bool = True, rank: int = 0, world_size: int = 1,
-                 commit_timeout_s: float = 600.0, barrier: Callable[[], None] | None = None):
+                 commit_timeout_s: float = 600.0, barrier: Callable[[], None] | None = None,
+                 read_only: bool = False):
         if save_interval < 1 or (max_to_keep is not None and max_to_keep < 1) or (
                 keep_period is not None and keep_period < 1):
             raise ValueError(f"save_interval={save_interval}, max_to_keep={max_to_keep}, "
@@ -269,6 +303,14 @@ class Checkpointer:
         self.rank, self.world_size, self.commit_timeout_s = rank, world_size, commit_timeout_s
         self.rank_dir = self._rank_dir(rank)
         self.commit_dir = os.path.join(self.directory, "committed")
+        self.read_only = read_only
+        self._pending: list[int] = []  # saved by this process, not yet seen committed
+        self._closed = False
+        if read_only:
+            if not os.path.isdir(self.directory):
+                raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+            self._manager = None
+            return
         for path in (self.rank_dir, self.commit_dir):
             try:
                 os.makedirs(path, exist_ok=True)
@@ -278,9 +320,7 @@ class Checkpointer:
         barrier = barrier or _default_barrier(world_size)
         if barrier is not None:
             barrier()
-        self._pending: list[int] = []  # saved by this process, not yet seen committed
         self._manager = self._make_manager(async_save)
-        self._closed = False
 
     def _rank_dir(self, rank: int) -> str:
         return os.path.join(self.directory, f"rank_{rank}")
@@ -310,15 +350,20 @@ class Checkpointer:
 
     # -- saving ------------------------------------------------------------------------
 
-    def save(self, step: int, state: PyTree, config: dict | None = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state: PyTree, config: dict | None = None, *, force: bool = False,
+             shards: dict[str, Shard] | None = None) -> bool:
         """Start saving `state` (and the JSON-able `config`) as `step`; True if a save started.
 
         Nothing is saved when `step % save_interval != 0` (unless `force`) or when `step` is
-        already committed. Raises CheckpointError when the write cannot start or when an
-        earlier async save failed; `state` is never modified.
+        already committed. `shards` marks leaves (by path) that are slices of logical flat
+        buffers, so that another world size can restore them (module docstring). Raises
+        CheckpointError when the write cannot start or when an earlier async save failed;
+        `state` is never modified.
         """
         import orbax.checkpoint as ocp
 
+        if self.read_only:
+            raise CheckpointError(f"checkpoint {self.directory} was opened read-only")
         step = int(step)
         if not force and step % self.save_interval:
             return False
@@ -338,6 +383,7 @@ class Checkpointer:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"the config saved with step {step} is not JSON: {e}") from e
         arrays, metas = encode(state)
+        _mark_shards(metas, shards or {}, step)
         meta = {"format": FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
                 "leaves": metas}
         items = {"meta": ocp.args.JsonSave(meta), "config": ocp.args.JsonSave(config_json)}
@@ -397,6 +443,8 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until this process's saves are written and committed for the whole world."""
+        if self._manager is None:  # read-only
+            return
         try:
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
@@ -424,6 +472,8 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self._manager is None:
+            return
         try:
             self.wait()
         finally:
@@ -439,7 +489,8 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        self._try_commit(block=False)
+        if not self.read_only:
+            self._try_commit(block=False)
         return committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
@@ -448,17 +499,49 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def restore(self, target: PyTree | None = None, step: int | None = None, *,
-                device: Any = None) -> tuple[PyTree, dict]:
+                device: Any = None, shards: dict[str, Shard] | None = None) -> tuple[PyTree, dict]:
         """(state, config) of `step` (default: the latest committed) for this rank.
 
         `target` is a template tree (tensors may be on the meta device): the result has its
         structure, and tensors of the saved dtype and shape on `device` (default: the template
-        leaf's device, CPU for meta). With `target=None` the state is a flat {path: leaf}.
-        Raises CheckpointError for a missing step, a template that does not fit (naming every
-        path and both shapes) or an unreadable item (naming the step directory and item).
+        leaf's device, CPU for meta). With `target=None` the state is a flat {path: leaf} of
+        this rank's part (rank 0's when this rank was not in the saved world). `shards` gives,
+        for template paths, the slice of a logical flat buffer wanted here (as in `save`);
+        they are assembled from whichever saved parts hold them, so a state saved by another
+        world size or ZeRO stage restores. Raises CheckpointError for a missing step, a
+        template that does not fit (naming every path and both shapes) or an unreadable item
+        (naming the step directory and item).
         """
-        import orbax.checkpoint as ocp
+        step = self._committed_step(step)
+        world = self._saved_world(step)
+        src = self.rank if self.rank < world else 0
+        step_dir = self._part_dir(src, step)
+        metas = self._read_meta(step_dir)
+        config = self._read_json(step_dir, "config")
+        if target is None:
+            return decode(self._read_arrays(step_dir, metas), metas), config
+        paths, leaves, _ = leaf_paths(target)
+        shards = {p: Shard(*shards[p]) for p in paths if shards and p in shards}
+        if _reads_directly(metas, shards, paths, leaves, same_part=src == self.rank):
+            check_template(metas, target, step_dir)
+            flat = decode(self._read_arrays(step_dir, metas), metas)
+        else:
+            flat = self._reshard(step, world, step_dir, metas, paths, leaves, shards)
+        return _rebuild(flat, target, device), config
 
+    def leaf_metadata(self, step: int | None = None) -> dict[str, dict]:
+        """{path: kind/dtype/shape (and shard)} of this rank's saved part of `step` (default:
+        the latest committed); reads only JSON."""
+        step = self._committed_step(step)
+        world = self._saved_world(step)
+        return self._read_meta(self._part_dir(self.rank if self.rank < world else 0, step))
+
+    def saved_config(self, step: int | None = None) -> dict:
+        """The config saved with `step` (default: the latest committed); reads only JSON."""
+        step = self._committed_step(step)
+        return self._read_json(self._part_dir(0, step), "config")
+
+    def _committed_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if step is None and not steps:
             raise CheckpointError(f"no committed checkpoint in {self.directory}")
@@ -466,36 +549,167 @@ class Checkpointer:
         if step not in steps:
             raise CheckpointError(f"step {step} is not a committed checkpoint in {self.directory} "
                                   f"(committed: {steps})")
-        step_dir = os.path.join(self.rank_dir, str(step))
-        if not os.path.isdir(step_dir):
-            raise CheckpointError(f"{step_dir} does not exist: step {step} was saved by another "
-                                  f"world size than {self.world_size}")
-        meta = self._read_item(step, step_dir, "meta", ocp.args.JsonRestore())
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "leaves" not in meta:
-            raise CheckpointError(f"{step_dir}/meta is not a {FORMAT} metadata item")
-        metas = meta["leaves"]
-        if target is not None:
-            check_template(metas, target, step_dir)
-        template = {p: np.empty(m["shape"], _np_dtype(m["dtype"])) for p, m in metas.items()
-                    if m["kind"] == "tensor" and int(np.prod(m["shape"])) > 0}
-        arrays = {}
-        if template:
-            arrays = self._read_item(step, step_dir, "arrays", ocp.args.StandardRestore(template))
-            _check_arrays(arrays, template, step_dir)
-        config = self._read_item(step, step_dir, "config", ocp.args.JsonRestore())
-        flat = decode(arrays, metas)
-        if target is None:
-            return flat, config
-        return _rebuild(flat, target, device), config
+        return step
 
-    def _read_item(self, step: int, step_dir: str, item: str, args: Any) -> Any:
-        import orbax.checkpoint as ocp
-
+    def _saved_world(self, step: int) -> int:
+        path = os.path.join(self.commit_dir, f"{step}.json")
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
-        except Exception as e:
+            with open(path) as f:
+                return int(json.load(f)["world_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot read the commit record {path}: {e}") from e
+
+    def _part_dir(self, rank: int, step: int) -> str:
+        path = os.path.join(self._rank_dir(rank), str(step))
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} does not exist: rank {rank}'s part of committed step {step} is missing")
+        return path
+
+    def _read_json(self, step_dir: str, item: str) -> Any:
+        try:
+            with open(os.path.join(step_dir, item, "metadata")) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read item {item!r} of checkpoint {step_dir}: "
                                   f"{type(e).__name__}: {e}") from e
+
+    def _read_meta(self, step_dir: str) -> dict[str, dict]:
+        meta = self._read_json(step_dir, "meta")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "leaves" not in meta:
+            raise CheckpointError(f"{step_dir}/meta is not a {FORMAT} metadata item")
+        return meta["leaves"]
+
+    def _read_arrays(self, step_dir: str, metas: dict[str, dict]) -> dict[str, np.ndarray]:
+        """The non-empty tensors among `metas` from `step_dir/arrays` (only those: orbax's
+        partial restore), checked against their metadata."""
+        import orbax.checkpoint as ocp
+
+        template = {p: np.empty(m["shape"], _np_dtype(m["dtype"])) for p, m in metas.items()
+                    if m["kind"] == "tensor" and int(np.prod(m["shape"])) > 0}
+        if not template:
+            return {}
+        args = ocp.args.PyTreeRestore(
+            item=template, restore_args={p: ocp.RestoreArgs(restore_type=np.ndarray) for p in template},
+            partial_restore=True)
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                arrays = reader.restore(os.path.join(step_dir, "arrays"), args=args)
+        except Exception as e:
+            raise CheckpointError(f"cannot read item 'arrays' of checkpoint {step_dir}: "
+                                  f"{type(e).__name__}: {e}") from e
+        _check_arrays(arrays, template, step_dir)
+        return arrays
+
+    def _reshard(self, step: int, world: int, step_dir: str, metas: dict[str, dict], paths: list[str],
+                 leaves: list[Any], shards: dict[str, Shard]) -> dict[str, Any]:
+        """Unsharded leaves from `step_dir`, sharded ones assembled from every saved rank."""
+        plain = {p: m for p, m in metas.items() if "shard" not in m}
+        tpl = [(p, l) for p, l in zip(paths, leaves) if p not in shards]
+        problems = template_problems(plain, [p for p, _ in tpl], [l for _, l in tpl])
+        problems += _shard_problems(metas, shards, dict(zip(paths, leaves)))
+        if problems:
+            raise CheckpointError(f"checkpoint {step_dir} does not fit the template: " + "; ".join(problems))
+        flat = decode(self._read_arrays(step_dir, plain), plain)
+        flat.update(self._assemble(step, world, shards, dict(zip(paths, leaves))))
+        return flat
+
+    def _assemble(self, step: int, world: int, shards: dict[str, Shard],
+                  leaves: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Each wanted slice, copied piece by piece from the saved ranks that hold it.
+
+        Old ranks are read one at a time, each only for the leaves that overlap what is
+        still missing; positions past a group's total are padding and stay zero.
+        """
+        out = {p: torch.zeros(leaves[p].numel(), dtype=leaves[p].dtype) for p in shards}
+        todo = {p: [(s.start, min(s.start + out[p].numel(), s.total))] for p, s in shards.items()}
+        for rank in range(world):
+            if not any(todo.values()):
+                break
+            rank_dir = self._part_dir(rank, step)
+            saved = self._read_meta(rank_dir)
+            copies = _overlaps(saved, shards, todo)
+            if not copies:
+                continue
+            needed = {sp: saved[sp] for sp in copies}
+            pieces = decode(self._read_arrays(rank_dir, needed), needed)
+            for sp, moves in copies.items():
+                src = pieces.pop(sp).reshape(-1)
+                for tp, a, b in moves:
+                    lo, start = saved[sp]["shard"]["start"], shards[tp].start
+                    out[tp][a - start:b - start] = src[a - lo:b - lo]
+                    todo[tp] = _subtract(todo[tp], a, b)
+                del src
+        missing = {p: ivs for p, ivs in todo.items() if ivs}
+        if missing:
+            raise CheckpointError(f"step {step} in {self.directory} does not hold every element of "
+                                  f"the sharded leaves: missing flat ranges {missing}")
+        return {p: t.view(leaves[p].shape) for p, t in out.items()}
+
+
+def _mark_shards(metas: dict[str, dict], shards: dict[str, Shard], step: int) -> None:
+    for path, spec in shards.items():
+        meta = metas.get(path)
+        if meta is None or meta["kind"] != "tensor":
+            raise CheckpointError(f"save step {step}: shards names {path!r}, which is not a tensor leaf of the state")
+        group, start, total = spec
+        meta["shard"] = {"group": str(group), "start": int(start), "total": int(total)}
+
+
+def _reads_directly(metas: dict[str, dict], shards: dict[str, Shard], paths: list[str],
+                    leaves: list[Any], *, same_part: bool) -> bool:
+    """True when this part holds exactly the wanted slices (or nothing is sharded)."""
+    saved_sharded = {p for p, m in metas.items() if "shard" in m}
+    if not shards or not saved_sharded:
+        return True
+    if not same_part or saved_sharded != set(shards):
+        return False
+    by_path = dict(zip(paths, leaves))
+    return all(metas[p]["shard"] == dict(s._asdict()) and metas[p]["shape"] == list(by_path[p].shape)
+               for p, s in shards.items())
+
+
+def _shard_problems(metas: dict[str, dict], shards: dict[str, Shard], leaves: dict[str, Any]) -> list[str]:
+    groups = {m["shard"]["group"]: (m["shard"]["total"], m["dtype"]) for m in metas.values() if "shard" in m}
+    problems, wanted = [], set()
+    for path, spec in shards.items():
+        wanted.add(spec.group)
+        leaf = leaves[path]
+        if spec.group not in groups:
+            problems.append(f"{path}: sharded group {spec.group!r} not in the checkpoint (saved: {sorted(groups)})")
+            continue
+        total, dtype = groups[spec.group]
+        if total != spec.total:
+            problems.append(f"{spec.group}: saved {total} elements, template {spec.total}")
+        elif dtype != _dtype_name(leaf.dtype):
+            problems.append(f"{spec.group}: saved dtype {dtype}, template dtype {_dtype_name(leaf.dtype)}")
+    if set(groups) - wanted:
+        problems.append(f"sharded groups in the checkpoint but not in the template: {sorted(set(groups) - wanted)}")
+    return problems
+
+
+def _overlaps(saved: dict[str, dict], shards: dict[str, Shard],
+              todo: dict[str, list[tuple[int, int]]]) -> dict[str, list[tuple[str, int, int]]]:
+    """{saved path: [(template path, a, b)]}: flat ranges [a, b) still missing that it holds."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for sp, meta in saved.items():
+        info = meta.get("shard")
+        if info is None:
+            continue
+        lo, hi = info["start"], info["start"] + int(np.prod(meta["shape"]))
+        for tp, ranges in todo.items():
+            if shards[tp].group != info["group"]:
+                continue
+            for a, b in ranges:
+                if max(a, lo) < min(b, hi):
+                    out.setdefault(sp, []).append((tp, max(a, lo), min(b, hi)))
+    return out
+
+
+def _subtract(ranges: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
+    out = []
+    for lo, hi in ranges:
+        out += [r for r in ((lo, min(hi, a)), (max(lo, b), hi)) if r[0] < r[1]]
+    return out
 
 
 def _check_arrays(arrays: Any, template: dict[str, np.ndarray], step_dir: str) -> None:

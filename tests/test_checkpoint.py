@@ -282,3 +282,74 @@ def test_real_train_state_round_trip_and_other_model_config(tmp_path):
             data={"epoch": 0, "index": 0})
         with pytest.raises(CheckpointError, match=r"params\.embed: saved shape \(256, 64\), template shape \(256, 128\)"):
             ckpt.restore(wider)
+
+
+# ------------------------------------------------------------------ resharding (in one process)
+
+def _parts(full: torch.Tensor, dp: int) -> list[torch.Tensor]:
+    """ZeRO's split of a logical flat buffer: padded to a multiple of dp, S elements per rank."""
+    s = -(-full.numel() // dp)
+    padded = torch.cat([full, torch.zeros(s * dp - full.numel())])
+    return [padded[r * s:(r + 1) * s].clone() for r in range(dp)]
+
+
+def _save_world(directory, dp: int, mu: torch.Tensor, nu: torch.Tensor, step: int = 3) -> None:
+    """Each of `dp` ranks saves its shards; rank 0 last, so its wait() commits the step."""
+    total, s = mu.numel(), -(-mu.numel() // dp)
+    ckpts = []
+    for rank in reversed(range(dp)):
+        ckpt = Checkpointer(directory, rank=rank, world_size=dp, barrier=lambda: None, async_save=False)
+        state = {"params": {"w": torch.arange(6.0)}, "opt": {"count": torch.tensor(step),
+                 "mu": {"flat": _parts(mu, dp)[rank]}, "nu": {"flat": _parts(nu, dp)[rank]}}}
+        shards = {f"opt.{g}.flat": (f"opt.{g}", rank * s, total) for g in ("mu", "nu")}
+        ckpt.save(step, state, {"dp": dp}, shards=shards)
+        ckpts.append(ckpt)
+    for ckpt in reversed(ckpts):  # rank 0 first: it commits, then the others see the commit
+        ckpt.close()
+
+
+def _restore_rank(directory, rank: int, dp: int, total: int):
+    s = -(-total // dp)
+    template = {"params": {"w": torch.empty(6, device="meta")}, "opt": {
+        "count": torch.empty((), dtype=torch.int64, device="meta"),
+        "mu": {"flat": torch.empty(s, device="meta")}, "nu": {"flat": torch.empty(s, device="meta")}}}
+    shards = {f"opt.{g}.flat": (f"opt.{g}", rank * s, total) for g in ("mu", "nu")}
+    ckpt = Checkpointer(directory, rank=rank, world_size=dp, read_only=True)
+    return ckpt.restore(template, shards=shards)
+
+
+@pytest.mark.parametrize("old_dp,new_dp", [(2, 1), (2, 3), (1, 2), (3, 2), (2, 2)])
+def test_sharded_leaves_restore_into_another_world_size(tmp_path, old_dp, new_dp):
+    total = 11                                                   # not a multiple of 2 or 3: padding
+    mu, nu = torch.randn(total), torch.randn(total)
+    _save_world(tmp_path, old_dp, mu, nu)
+    for rank in range(new_dp):
+        state, config = _restore_rank(tmp_path, rank, new_dp, total)
+        assert config == {"dp": old_dp} and state["opt"]["count"].item() == 3
+        assert torch.equal(state["params"]["w"], torch.arange(6.0))
+        assert bitwise_equal(state["opt"]["mu"]["flat"], _parts(mu, new_dp)[rank])   # padding is zero
+        assert bitwise_equal(state["opt"]["nu"]["flat"], _parts(nu, new_dp)[rank])
+
+
+def test_sharded_leaves_restore_as_a_replicated_tree_and_back(tmp_path):
+    """ZeRO's flat shards <-> a params-shaped moment tree (offsets in the same flat layout)."""
+    mu, nu = torch.randn(11), torch.randn(11)
+    _save_world(tmp_path / "zero", 2, mu, nu)
+    shapes = {"a": (2, 3), "b": (5,)}                            # flat layout: a at 0, b at 6
+    tree_template = {"params": {"w": torch.empty(6)}, "opt": {"count": torch.tensor(0), **{
+        g: {k: torch.empty(v) for k, v in shapes.items()} for g in ("mu", "nu")}}}
+    tree_shards = {f"opt.{g}.{k}": (f"opt.{g}", off, 11) for g in ("mu", "nu") for k, off in (("a", 0), ("b", 6))}
+    full, _ = Checkpointer(tmp_path / "zero", read_only=True).restore(tree_template, shards=tree_shards)
+    assert torch.equal(full["opt"]["mu"]["a"], mu[:6].view(2, 3)) and torch.equal(full["opt"]["nu"]["b"], nu[6:])
+
+    with Checkpointer(tmp_path / "tree") as ckpt:                 # saved replicated, read as dp=3 shards
+        ckpt.save(3, full, {"dp": 1}, shards=tree_shards)
+    for rank in range(3):
+        state, _ = _restore_rank(tmp_path / "tree", rank, 3, 11)
+        assert torch.equal(state["opt"]["mu"]["flat"], _parts(mu, 3)[rank])
+
+
+def test_sharded_leaves_of_another_size_name_the_group_and_totals(tmp_path):
+    _save_world(tmp_path, 2, torch.randn(11), torch.randn(11))
+    with pytest.raises(CheckpointError, match=r"opt\.mu: saved 11 elements, template 13"):
+        _restore_rank(tmp_path, 0, 1, 13)
