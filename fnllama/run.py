@@ -77,7 +77,8 @@ def train(exp: ExperimentConfig, *, stream=None) -> dict[str, Any]:
                                compile=tc.compile, skip_nan=tc.skip_nan)
         # -------------------------------------------------------------- loop
         logger = _metrics_logger(exp, cfg, mesh, start, stream) if mesh.rank() == 0 else None
-        losses = _loop(exp, step, state, loader, accum, ckpt, logger, mesh, start)
+        shards = checkpoint_shards(state, rule) if ckpt is not None else None
+        losses = _loop(exp, step, state, loader, accum, ckpt, logger, mesh, start, shards)
         # -------------------------------------------------------------- summary
         if ckpt is not None:
             ckpt.close()
@@ -192,44 +193,101 @@ def _open_checkpointer(exp: ExperimentConfig, mesh, directory: str | None = None
         return None
     from fnllama.checkpoint import Checkpointer
 
+    if directory != tc.save:  # only read (--load): no cleanup, no barrier, nothing created
+        return Checkpointer(directory, rank=mesh.rank(), world_size=mesh.world_size, read_only=True)
     return Checkpointer(directory, save_interval=tc.save_interval or tc.train_iters,
                         rank=mesh.rank(), world_size=mesh.world_size)
 
 
 def _initial_state(exp, cfg, rule, fresh_rule, loader, ckpt, hf_params, mesh) -> tuple[TrainState, str]:
-    """The starting state: restored (--load/--resume), from HF weights, or fresh from the seed.
+    """The starting state: restored (--load/--resume), from HF weights or a params-only
+    checkpoint (`fnllama convert-hf`), or fresh from the seed.
 
     `fresh_rule()` makes an unbound update rule for the restore template (a ZeRO rule binds its
     layout to the first tree it sees, and the template lives on the meta device).
     """
     tc = exp.train
+    params, how = hf_params, (f"initialised from HF weights in {tc.init_from_hf}" if hf_params is not None
+                              else f"fresh (seed {tc.seed})")
     if tc.load or tc.resume:
         same_dir = ckpt is not None and (not tc.load or os.path.abspath(tc.load) == ckpt.directory)
         reader = ckpt if same_dir else _open_checkpointer(exp, mesh, tc.load)
         try:
-            state = _restore(exp, cfg, fresh_rule(), loader, reader, mesh.device)
+            if reader.latest_step() is not None and is_params_only(reader, tc.load_step):
+                params, step = _restore_params(exp, cfg, reader, mesh.device)
+                how = f"initialised from the params of step {step} in {reader.directory}"
+            else:
+                state = _restore(exp, cfg, fresh_rule(), loader, reader, mesh.device)
+                if state is not None:
+                    return state, f"restored step {int(state.step)} from {reader.directory}"
+                if tc.load:
+                    raise CheckpointError(f"--load {tc.load}: no committed checkpoint there")
         finally:
             if reader is not ckpt:
                 reader.close()
-        if state is not None:
-            return state, f"restored step {int(state.step)} from {reader.directory}"
-        if tc.load:
-            raise CheckpointError(f"--load {tc.load}: no committed checkpoint there")
-    state = init_state(fr.key(tc.seed), cfg, rule, params=hf_params, compute_dtype=DTYPES[tc.precision],
+    state = init_state(fr.key(tc.seed), cfg, rule, params=params, compute_dtype=DTYPES[tc.precision],
                        device=mesh.device)
-    state = state._replace(data=loader.state())
-    return state, (f"initialised from HF weights in {tc.init_from_hf}" if hf_params is not None
-                   else f"fresh (seed {tc.seed})")
+    return state._replace(data=loader.state()), how
+
+
+def checkpoint_shards(state: TrainState, rule) -> dict[str, Any]:
+    """{leaf path: checkpoint.Shard} for the optimizer state's moments in the params' flat layout.
+
+    ZeRO (stages 1, 2): each {"flat": [S]} leaf is this rank's slice [r*S, (r+1)*S). Replicated:
+    each params-shaped moment leaf sits at that param's offset. The group is the path above
+    the params (e.g. "opt_state.0.mu"), so both forms name the same logical buffers and a
+    checkpoint restores across dp sizes and ZeRO stages 0/1/2.
+    """
+    from fnllama import tree, zero
+    from fnllama.checkpoint import Shard, leaf_paths
+
+    paths, leaves, _ = leaf_paths(state)
+    moments = [(p, l) for p, l in zip(paths, leaves)
+               if p.startswith("opt_state.") and isinstance(l, torch.Tensor) and l.ndim > 0]
+    if isinstance(rule, zero.ZeroRule):
+        layout, (lo, hi) = rule.plan.layout, rule.plan.shard_range
+        suffix = "." + zero.FLAT
+        return {p: Shard(p[:-len(suffix)], lo, layout.total) for p, l in moments
+                if p.endswith(suffix) and tuple(l.shape) == (hi - lo,)}
+    layout = tree.make_layout(state.params)
+    where = {p: (o, shape) for p, o, shape in zip(layout.paths, layout.offsets, layout.shapes)}
+    out = {}
+    for p, l in moments:
+        for i in (i for i, c in enumerate(p) if c == "."):
+            offset, shape = where.get(p[i + 1:], (None, None))
+            if offset is not None and shape == tuple(l.shape):
+                out[p] = Shard(p[:i], offset, layout.total)
+                break
+    return out
+
+
+def is_params_only(reader, step: int | None) -> bool:
+    """True for a checkpoint that holds only `params.*` leaves (as `fnllama convert-hf` writes)."""
+    flat_meta = reader.leaf_metadata(step)
+    return all(p.startswith("params.") for p in flat_meta)
+
+
+def _restore_params(exp, cfg, reader, device) -> tuple[Any, int]:
+    """(params, step) of a params-only checkpoint, checked against the run's model shape."""
+    template = {"params": model.init(fr.key(exp.train.seed), cfg, device="meta")}
+    step = reader.latest_step() if exp.train.load_step is None else exp.train.load_step
+    saved, _ = reader.restore(template, step, device=device)
+    return saved["params"], step
 
 
 def _restore(exp, cfg, template_rule, loader, reader, device) -> TrainState | None:
-    """The latest (or --ckpt-step) committed state of `reader`, or None when it has none."""
+    """The latest (or --ckpt-step) committed state of `reader`, or None when it has none.
+
+    The optimizer state is restored through its logical layout (`checkpoint_shards`), so a
+    checkpoint of another dp size or ZeRO stage fits.
+    """
     tc = exp.train
     if reader.latest_step() is None:
         return None
     template = init_state(fr.key(tc.seed), cfg, template_rule, compute_dtype=DTYPES[tc.precision], device="meta")
     template = template._replace(data=loader.state())
-    state, _ = reader.restore(template, tc.load_step, device=device)
+    state, _ = reader.restore(template, tc.load_step, device=device,
+                              shards=checkpoint_shards(template, template_rule))
     loader.restore(state.data)
     host = lambda t: t.cpu()  # noqa: E731 - counters and keys live on the host, as init_state makes them
     return state._replace(step=host(state.step), key=host(state.key), skipped=host(state.skipped),
@@ -261,7 +319,7 @@ def _truncate_metrics(path: str, start: int) -> None:
         f.writelines(kept)
 
 
-def _loop(exp, step, state, loader, accum, ckpt, logger, mesh, start) -> list[float]:
+def _loop(exp, step, state, loader, accum, ckpt, logger, mesh, start, shards) -> list[float]:
     from fnllama.metrics import StepTimer
     from fnllama import device as devices
 
@@ -278,7 +336,7 @@ def _loop(exp, step, state, loader, accum, ckpt, logger, mesh, start) -> list[fl
             logger.log(it, step_time_s=timer.lap(), loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
                        loss_scale=m["loss_scale"], skipped=m["skipped"])
         if ckpt is not None and tc.save and (it % ckpt.save_interval == 0 or it == tc.train_iters):
-            ckpt.save(it, state, config, force=True)
+            ckpt.save(it, state, config, force=True, shards=shards)
             timer.reset()                   # the save's host copy is not the next step's time
         del micro
     return losses
