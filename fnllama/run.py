@@ -245,7 +245,8 @@ def checkpoint_shards(state: TrainState, rule) -> dict[str, Any]:
     moments = [(p, l) for p, l in zip(paths, leaves)
                if p.startswith("opt_state.") and isinstance(l, torch.Tensor) and l.ndim > 0]
     if isinstance(rule, zero.ZeroRule):
-        layout, (lo, hi) = rule.plan.layout, rule.plan.shard_range
+        plan = zero.make_plan(state.params, dp=rule.dp, rank=rule.dp_rank, bucket_bytes=rule.bucket_bytes)
+        layout, (lo, hi) = plan.layout, plan.shard_range     # the rule's plan (it may not be bound yet)
         suffix = "." + zero.FLAT
         return {p: Shard(p[:-len(suffix)], lo, layout.total) for p, l in moments
                 if p.endswith(suffix) and tuple(l.shape) == (hi - lo,)}
