@@ -499,7 +499,8 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def restore(self, target: PyTree | None = None, step: int | None = None, *,
-                device: Any = None, shards: dict[str, Shard] | None = None) -> tuple[PyTree, dict]:
+                device: Any = None, shards: dict[str, Shard] | None = None,
+                partial: bool = False) -> tuple[PyTree, dict]:
         """(state, config) of `step` (default: the latest committed) for this rank.
 
         `target` is a template tree (tensors may be on the meta device): the result has its
@@ -508,7 +509,8 @@ class Checkpointer:
         this rank's part (rank 0's when this rank was not in the saved world). `shards` gives,
         for template paths, the slice of a logical flat buffer wanted here (as in `save`);
         they are assembled from whichever saved parts hold them, so a state saved by another
-        world size or ZeRO stage restores. Raises CheckpointError for a missing step, a
+        world size or ZeRO stage restores. `partial=True` reads only the template's leaves and
+        ignores the other saved ones (e.g. just the params). Raises CheckpointError for a missing step, a
         template that does not fit (naming every path and both shapes) or an unreadable item
         (naming the step directory and item).
         """
@@ -521,6 +523,8 @@ class Checkpointer:
         if target is None:
             return decode(self._read_arrays(step_dir, metas), metas), config
         paths, leaves, _ = leaf_paths(target)
+        if partial:
+            metas = {p: m for p, m in metas.items() if p in set(paths)}
         shards = {p: Shard(*shards[p]) for p in paths if shards and p in shards}
         if _reads_directly(metas, shards, paths, leaves, same_part=src == self.rank):
             check_template(metas, target, step_dir)
@@ -672,6 +676,8 @@ def _shard_problems(metas: dict[str, dict], shards: dict[str, Shard], leaves: di
     groups = {m["shard"]["group"]: (m["shard"]["total"], m["dtype"]) for m in metas.values() if "shard" in m}
     problems, wanted = [], set()
     for path, spec in shards.items():
+        if spec.group in wanted:  # one report per group
+            continue
         wanted.add(spec.group)
         leaf = leaves[path]
         if spec.group not in groups:
