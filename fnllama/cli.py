@@ -10,12 +10,14 @@ import sys
 
 from fnllama.errors import UserError
 
-# verb -> (module with `cli_main(argv: list[str]) -> int`, one-line help)
+# verb -> (module with `cli_main(argv: list[str]) -> int`, or "module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "preprocess": ("fnllama.data.preprocess", "tokenize parquet/json into a Megatron indexed dataset"),
     "train": ("fnllama.train_cli", "train a model: Megatron-style flags or an experiments/*.py config"),
     "compare": ("fnllama.compare", "compare two runs' loss curves: error figures and plots"),
     "plan": ("fnllama.plan", "per-device memory and FLOPs/step of a model x devices x ZeRO stage"),
+    "convert-hf": ("fnllama.convert:cli_main_convert", "HF LLaMA directory -> params-only checkpoint (train --load it)"),
+    "export-hf": ("fnllama.convert:cli_main_export", "checkpoint (any dp/ZeRO stage) -> HF LLaMA directory"),
 }
 
 
@@ -38,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"fnllama: unknown verb {verb!r}; known verbs: {', '.join(VERBS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
+    module_name, _, function = VERBS[verb][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "cli_main")
     try:
-        return int(module.cli_main(rest) or 0)
+        return int(entry(rest) or 0)
     except UserError as e:
         if debug:
             raise
