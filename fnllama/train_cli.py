@@ -11,7 +11,8 @@
 Flags keep Megatron's names. Every flag defaults to "not given": the base config is the
 `--config` file's `get_config()` (or `ExperimentConfig()` defaults), and only the flags on the
 command line replace its fields, so a config file holds the run and the command line the
-deltas. `--init-from-hf DIR` without `--model` takes the model shape from DIR's config.json.
+deltas. `--init-from-hf DIR` without `--model` takes the model shape from DIR's config.json,
+and `--load CKPT` without `--model`/`--config` from the config saved in the checkpoint.
 `--dry-run` prints the resolved config and the memory/FLOPs plan without training.
 """
 
@@ -132,6 +133,13 @@ def _base(args: dict[str, Any]) -> ExperimentConfig:
 def _model(base: ExperimentConfig, args: dict[str, Any]):
     if "model" in args:
         return get_preset(args["model"])                     # lists known presets when unknown
+    if "load" in args and "config" not in args:      # the shape the checkpoint was saved with
+        from fnllama.checkpoint import Checkpointer
+        from fnllama.convert import model_config_of
+
+        reader = Checkpointer(args["load"], read_only=True)
+        step = args.get("ckpt_step")
+        return model_config_of(reader.saved_config(step), f"--load {args['load']}")
     if "init_from_hf" in args and "config" not in args:
         return from_hf(args["init_from_hf"])
     return base.model
