@@ -53,10 +53,17 @@ Mask = Any  # pytree of bool / tensor leaves matching params, or params -> such 
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions: `init(params)` and `update(updates, state, params)`."""
+    """A pair of pure functions: `init(params)` and `update(updates, state, params)`.
+
+    `apply`, when present, is an optional fast path with the same result (to rounding) as
+    scaling the grads, `update`, then `apply_updates`:
+    `apply(grads, state, params, grad_scale) -> (new_params, new_state)`. `adamw` has one
+    built on torch's fused AdamW kernel; `chain` and the primitives have none.
+    """
 
     init: Callable[[Params], OptState]
     update: Callable[..., tuple[Updates, OptState]]
+    apply: Callable[..., tuple[Params, OptState]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -491,11 +498,54 @@ def adamw(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, e
     Returns:
       chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate).
     """
-    return chain(
+    tx = chain(
         scale_by_adam(b1=b1, b2=b2, eps=eps),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
+    return tx._replace(apply=_fused_adamw_apply(tx, learning_rate, b1, b2, eps, weight_decay, mask))
+
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _fused_adamw_apply(tx: GradientTransformation, learning_rate, b1, b2, eps, weight_decay, mask) -> Callable:
+    """`adamw`'s fast path: torch's fused AdamW kernel on fresh copies of params and moments.
+
+    One fused pass plus three copies (to stay pure) instead of the chain's dozen elementwise
+    passes. It keeps the chain's state layout, so the two paths mix freely (checkpoints,
+    resume). Used for fp32 leaves on CPU/CUDA with bool (or no) masks; anything else (e.g.
+    ZeRO's flat shards with a float mask, or NPU tensors) goes through the chain.
+    """
+    def apply_fn(grads, state, params, grad_scale=None):
+        p, spec = _flatten(params)
+        g, _ = _flatten(grads)
+        adam, decay_state, lr_state = state
+        _expect_state(adam, ScaleByAdamState, "adamw")
+        m = [True] * len(p) if mask is None else _resolve_mask(mask, params, "adamw")
+        fusable = bool(p) and all(isinstance(x, bool) for x in m) and all(
+            x.dtype == torch.float32 and x.device.type in _FUSED_ADAMW_DEVICES for x in [*p, *g])
+        if grad_scale is not None:
+            g = torch._foreach_mul(g, grad_scale)
+        if not fusable:
+            updates, state = tx.update(optree.tree_unflatten(spec, g), state, params)
+            return apply_updates(params, updates), state
+        lr = learning_rate(adam.count) if callable(learning_rate) else float(learning_rate)
+        count = adam.count + 1
+        steps = [count.to(torch.float32)] * len(p)
+        new_p, mu, nu = ([x.clone() for x in leaves] for leaves in (p, _flatten(adam.mu)[0], _flatten(adam.nu)[0]))
+        for decays in (True, False):
+            idx = [i for i, x in enumerate(m) if x == decays]
+            if idx:
+                pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
+                torch._fused_adamw_(pick(new_p), pick(g), pick(mu), pick(nu), [], pick(steps), lr=lr,
+                                    beta1=b1, beta2=b2, weight_decay=weight_decay if decays else 0.0, eps=eps,
+                                    amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+        unflat = lambda leaves: optree.tree_unflatten(spec, leaves)  # noqa: E731
+        new_lr_state = ScaleByScheduleState(lr_state.count + 1) if isinstance(lr_state, ScaleByScheduleState) else lr_state
+        return unflat(new_p), (ScaleByAdamState(count, unflat(mu), unflat(nu)), decay_state, new_lr_state)
+
+    return apply_fn
 
 
 def sgd(learning_rate: float | Schedule, momentum: float = 0.0, nesterov: bool = False,

@@ -136,7 +136,9 @@ class Replicated:
     def __init__(self, optimizer: optim.GradientTransformation, mesh: Any = None, *, axis: str = "dp",
                  compile: bool = False):
         self.optimizer, self.mesh, self.axis = optimizer, mesh, axis
-        self._update = _maybe_compile(self._scaled_update, compile)
+        # Compiled: inductor fuses the chain itself. Eager: the optimizer's fused path if it has one.
+        eager = optimizer.apply if optimizer.apply is not None and not compile else self._scaled_update
+        self._update = _maybe_compile(eager, compile)
 
     def _dp(self) -> int:
         return 1 if self.mesh is None else self.mesh.size(self.axis)

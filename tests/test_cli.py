@@ -142,3 +142,21 @@ def test_train_config_validation_names_the_flag():
         TrainConfig(save_interval=5)
     with pytest.raises(ValueError, match="--micro-batch-size 0: expected an integer >= 1"):
         TrainConfig(micro_batch_size=0)
+
+
+def test_dispatcher_lists_verbs_and_rejects_unknown_ones(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(verb in out for verb in cli.VERBS)
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown verb 'trian'" in err and "train" in err and err.count("\n") == 1
+    assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("verb", sorted(cli.VERBS))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([verb, "--help"])
+    assert exit_.value.code == 0
+    assert "--" in capsys.readouterr().out          # an options listing

@@ -336,3 +336,44 @@ def test_adamw_update_traces_as_one_graph():
 @pytest.mark.slow
 def test_adamw_update_compiles_with_inductor():
     _compile_and_compare("inductor")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_adamw_fused_apply_equals_chain_and_is_pure(masked):
+    """adamw's fast path (torch's fused kernel) gives the chain's params and state, untouched inputs."""
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(16, 8, generator=gen), "norm": torch.ones(8), "emb": torch.randn(32, 8, generator=gen)}
+    schedule = optim.make_schedule("cosine", lr=1e-2, min_lr=1e-3, warmup_iters=3, decay_iters=30)
+    mask = optim.default_decay_mask if masked else None
+    opt = optim.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask)
+    assert opt.apply is not None
+    fused_p, chain_p = params, params
+    fused_s, chain_s = opt.init(params), opt.init(params)
+    for step in range(30):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        scale = torch.tensor(0.5 + 0.01 * step)
+        inputs = (grads, fused_s, fused_p)
+        before = [t.clone() for t in optree.tree_leaves(inputs)]
+        fused_p, fused_s = opt.apply(grads, fused_s, fused_p, scale)
+        assert all(torch.equal(a, b) for a, b in zip(before, optree.tree_leaves(inputs)))   # pure
+        updates, chain_s = opt.update(optree.tree_map(lambda g: g * scale, grads), chain_s, chain_p)
+        chain_p = optim.apply_updates(chain_p, updates)
+    assert optree.tree_structure(fused_s) == optree.tree_structure(chain_s)
+    for a, b in zip(optree.tree_leaves((fused_p, fused_s)), optree.tree_leaves((chain_p, chain_s))):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
+    if masked:   # the norm scale is exempt from decay: with zero grads it would stay exactly 1
+        zero = {k: torch.zeros_like(v) for k, v in params.items()}
+        p2, _ = opt.apply(zero, opt.init(params), params, None)
+        assert torch.equal(p2["norm"], params["norm"])
+
+
+def test_adamw_fused_apply_falls_back_for_float_masks():
+    layout_params = {"flat": torch.randn(10)}
+    opt = optim.adamw(1e-2, weight_decay=0.1, mask={"flat": torch.tensor([1.0] * 5 + [0.0] * 5)})
+    grads = {"flat": torch.randn(10)}
+    fused, _ = opt.apply(grads, opt.init(layout_params), layout_params, None)
+    updates, _ = opt.update(grads, opt.init(layout_params), layout_params)
+    assert torch.equal(fused["flat"], optim.apply_updates(layout_params, updates)["flat"])
