@@ -160,3 +160,28 @@ def test_every_verb_has_help(verb, capsys):
         cli.main([verb, "--help"])
     assert exit_.value.code == 0
     assert "--" in capsys.readouterr().out          # an options listing
+
+
+def test_compare_fp32_and_bf16_runs_against_hand_computation(demo_prefix, tmp_path, capsys):
+    """Two real runs (fp32, bf16) -> `fnllama compare`: the four figures equal a hand computation."""
+    for name, extra in (("fp32", ()), ("bf16", ("--bf16",))):
+        args = _tiny_args(demo_prefix, tmp_path / name, *extra)
+        args[args.index("--log-interval") + 1] = "1"
+        assert cli.main(args) == 0
+    losses = {name: {r["iteration"]: r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").open())}
+              for name in ("fp32", "bf16")}
+    assert sorted(losses["fp32"]) == [1, 2, 3, 4]
+    rel = [abs(losses["bf16"][s] - losses["fp32"][s]) / abs(losses["fp32"][s]) for s in range(1, 5)]
+    absolute = [abs(losses["bf16"][s] - losses["fp32"][s]) for s in range(1, 5)]
+    assert 0 < max(rel) < 0.05                     # bf16 really differs, and only a little
+    capsys.readouterr()
+    out_dir = tmp_path / "compare"
+    assert cli.main(["compare", str(tmp_path / "bf16"), str(tmp_path / "fp32"), "--output-dir", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    printed = {line.split(":")[0]: float(line.split(":")[1].split()[0]) for line in text.splitlines()
+               if line.startswith(("mean ", "max "))}
+    assert printed["mean relative error"] == pytest.approx(sum(rel) / 4, rel=1e-5)
+    assert printed["max relative error"] == pytest.approx(max(rel), rel=1e-5)
+    assert printed["mean absolute error"] == pytest.approx(sum(absolute) / 4, rel=1e-5)
+    assert printed["max absolute error"] == pytest.approx(max(absolute), rel=1e-5)
+    assert len([p for p in out_dir.iterdir() if p.suffix == ".png"]) == 3

@@ -196,7 +196,6 @@ def test_compiled_step_matches_eager():
         assert abs(a - b) / a < 1e-5
 
 
-@pytest.mark.slow  # 400 steps, bf16 matmuls are slow on CPU: ~1-3 min on 2 cores
 def test_bf16_tracks_fp32_over_200_steps():
     """The seed's NPU-vs-reference loss agreement (mean rel 0.0046, max 0.0852), bf16 vs fp32 here."""
     opt, schedule = _adamw(200)
