@@ -111,6 +111,12 @@ def _expect_state(state: Any, cls: type, name: str) -> None:
                          "was the state made by a different optimizer?")
 
 
+def _times(tree: PyTree, factor: Any) -> PyTree:
+    """A new tree: every leaf times `factor` (a float or a 0-d tensor), in one foreach call."""
+    leaves, spec = _flatten(tree)
+    return optree.tree_unflatten(spec, torch._foreach_mul(leaves, factor) if leaves else [])
+
+
 def _transform_name(t: GradientTransformation) -> str:
     return getattr(t.init, "__qualname__", repr(t.init)).split(".<locals>")[0]
 
@@ -186,9 +192,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         _expect_state(state, EmptyState, "clip_by_global_norm")
-        leaves, spec = _flatten(updates)
         coef = (max_norm / (global_norm(updates) + 1e-6)).clamp(max=1.0)
-        return optree.tree_unflatten(spec, torch._foreach_mul(leaves, coef) if leaves else []), state
+        return _times(updates, coef), state
 
     return GradientTransformation(init_fn, update_fn)
 
@@ -435,8 +440,7 @@ def scale(factor: float) -> GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         _expect_state(state, EmptyState, "scale")
-        leaves, spec = _flatten(updates)
-        return optree.tree_unflatten(spec, torch._foreach_mul(leaves, factor) if leaves else []), state
+        return _times(updates, factor), state
 
     return GradientTransformation(init_fn, update_fn)
 
@@ -455,10 +459,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         _expect_state(state, ScaleByScheduleState, "scale_by_schedule")
-        leaves, spec = _flatten(updates)
-        factor = schedule(state.count)
-        out = torch._foreach_mul(leaves, factor) if leaves else []
-        return optree.tree_unflatten(spec, out), ScaleByScheduleState(state.count + 1)
+        return _times(updates, schedule(state.count)), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init_fn, update_fn)
 
