@@ -138,7 +138,7 @@ class DataConfig:
 class ParallelConfig:
     """How many processes, and how the state is laid out over them (axis `dp`)."""
     dp: int | None = None                 # data-parallel size; default nproc_per_node * nnodes
-    zero_stage: int = 0                   # 0 replicated, 1 optimizer state, 2 + gradients
+    zero_stage: int = 0                   # 0 replicated, 1 optimizer state, 2 + gradients, 3 + params
     nproc_per_node: int = 1               # processes per node (torchrun --nproc-per-node)
     nnodes: int = 1
     node_rank: int = 0
@@ -149,11 +149,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _positive(self, "dp", "nproc_per_node", "nnodes")
         _positive(self, "node_rank", minimum=0)
-        if self.zero_stage == 3:  # fnllama.zero3 exists; the run loop does not wire it in yet
-            raise ConfigError("--zero-stage 3 is not supported by fnllama train yet (use 1 or 2; "
-                              "fnllama.zero3.Zero3Rule works from Python)")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"--zero-stage {self.zero_stage!r}: expected 0, 1 or 2")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage {self.zero_stage!r}: expected 0, 1, 2 or 3")
         if self.node_rank >= self.nnodes:
             raise ConfigError(f"--node-rank {self.node_rank}: expected < --nnodes {self.nnodes}")
         if not 0 < self.master_port < 65536:
@@ -238,6 +235,12 @@ class ExperimentConfig:
         if t.seq_length > m.max_seq_len:
             raise ConfigError(f"--seq-length {t.seq_length} exceeds the model's max_seq_len {m.max_seq_len}; "
                               f"pass --max-position-embeddings {t.seq_length} (or a shorter --seq-length)")
+        if self.parallel.zero_stage == 3 and t.recompute != "none":
+            raise ConfigError(f"--zero-stage 3 with --recompute {t.recompute}: not supported (stage 3 "
+                              "re-gathers weights in backward itself); use --recompute none or stage 1/2")
+        if self.parallel.zero_stage == 3 and (t.save or t.load or t.resume):
+            raise ConfigError("--zero-stage 3 runs cannot be checkpointed yet; "
+                              "drop --save/--load/--resume or use --zero-stage 1 or 2")
         decay = self.optim.lr_decay_iters or t.train_iters
         warmup = self.optim.lr_warmup_iters or (self.optim.lr_warmup_fraction or 0) * decay
         if self.optim.lr_decay_style != "constant" and not warmup < decay:

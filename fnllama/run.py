@@ -7,7 +7,7 @@
 Sections, in order (each a short helper below `train`):
     mesh              Mesh.create({"dp": N}); the batch shape is checked against the real dp
     data              the packed loader over the Megatron dataset(s), this rank's share
-    model+optimizer   AdamW over a Megatron schedule; replicated or ZeRO update rule
+    model+optimizer   AdamW over a Megatron schedule; replicated or ZeRO-1/2/3 update rule
     state             fresh from the seed, --init-from-hf weights, or a restored checkpoint
     step              make_train_step with grad accumulation = global / (micro x dp)
     checkpoint        fnllama.checkpoint.Checkpointer (every --save-interval, and at the end)
@@ -68,13 +68,17 @@ def train(exp: ExperimentConfig, *, stream=None) -> dict[str, Any]:
         state, how = _initial_state(exp, cfg, rule, lambda: build_update_rule(adamw, exp, mesh), loader,
                                     ckpt, hf_params, mesh)
         del hf_params
+        zero3 = exp.parallel.zero_stage == 3      # params sharded too; the loss gathers each layer
+        if zero3:
+            state = rule.shard_train_state(state)
         start = int(state.step)
         say(f"== state: {how}; step {start} of {tc.train_iters}")
         # -------------------------------------------------------------- step
         step = make_train_step(cfg, rule, mesh=mesh, compute_dtype=DTYPES[tc.precision],
                                grad_accum_steps=accum, recompute=tc.recompute,
                                clip_grad=exp.optim.clip_grad or None, schedule=schedule,
-                               compile=tc.compile, skip_nan=tc.skip_nan)
+                               compile=tc.compile, skip_nan=tc.skip_nan,
+                               **({"loss_fn": rule.loss_fn} if zero3 else {}))
         # -------------------------------------------------------------- loop
         logger = _metrics_logger(exp, cfg, mesh, start, stream) if mesh.rank() == 0 else None
         shards = checkpoint_shards(state, rule) if ckpt is not None else None
@@ -178,8 +182,8 @@ def build_optimizer(exp: ExperimentConfig):
 
 
 def build_update_rule(adamw, exp: ExperimentConfig, mesh):
-    """Replicated optimizer state (stage 0) or ZeRO's sharded rule (stages 1, 2); norms and
-    other 1-D leaves are exempt from weight decay (`optim.default_decay_mask`)."""
+    """Replicated optimizer state (stage 0) or ZeRO's sharded rules (stages 1, 2; 3 shards the
+    params too); norms and other 1-D leaves are exempt from weight decay (`optim.default_decay_mask`)."""
     from fnllama import zero
 
     return zero.make_rule(adamw, mesh, stage=exp.parallel.zero_stage, decay_mask=optim.default_decay_mask)

@@ -144,3 +144,29 @@ def test_init_from_hf_starts_from_those_weights(demo_prefix, tmp_path, capsys):
                         train=TrainConfig(**{**exp.train.__dict__, "init_from_hf": str(hf_dir)}))
     with pytest.raises(ConfigError, match="its config.json has dim=32 but the run's model has 64"):
         train(wider)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_train_like_replicated_in_one_process(demo_prefix, tmp_path, stage):
+    """`--zero-stage N` at dp=1 follows the replicated run's losses (stage 3 gathers each layer)."""
+    from fnllama.experiment import ParallelConfig
+
+    ref = train(_exp(demo_prefix, tmp_path / "zero0"))["losses"]
+    exp = _exp(demo_prefix, tmp_path / f"zero{stage}")
+    got = train(exp.replace(parallel=ParallelConfig(zero_stage=stage)))["losses"]
+    assert len(got) == len(ref) == 6
+    assert max(abs(a - b) / b for a, b in zip(got, ref)) <= 1e-5
+
+
+def test_zero_stage_3_rejects_recompute_and_checkpoints(demo_prefix, tmp_path):
+    import dataclasses
+
+    from fnllama.errors import ConfigError
+    from fnllama.experiment import ParallelConfig
+
+    exp = _exp(demo_prefix, tmp_path)
+    stage3 = ParallelConfig(zero_stage=3)
+    with pytest.raises(ConfigError, match="--zero-stage 3 with --recompute full"):
+        exp.replace(parallel=stage3, train=dataclasses.replace(exp.train, recompute="full"))
+    with pytest.raises(ConfigError, match="cannot be checkpointed"):
+        exp.replace(parallel=stage3, train=dataclasses.replace(exp.train, save=str(tmp_path / "ckpt")))
