@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from dist_support import become_rank
 from fnllama.mesh import Mesh, pad_to_multiple
 
 
@@ -108,14 +109,8 @@ def main(scenario: str, out_dir: str) -> int:
 
 
 def run_rank(scenario: str, out_dir: str, rank: int, world_size: int, port: int, timeout_s: float) -> None:
-    """A multiprocessing target: set torchrun's variables, log to OUT_DIR/rank{R}.log, run."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      MESH_TEST_TIMEOUT_S=str(timeout_s))
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    torch.set_num_threads(1)
+    """A multiprocessing target: become rank `rank` (logging to OUT_DIR/rank{R}.log) and run."""
+    become_rank(rank, world_size, port, out_dir, MESH_TEST_TIMEOUT_S=str(timeout_s))
     sys.exit(main(scenario, out_dir))
 
 

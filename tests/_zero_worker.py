@@ -21,6 +21,7 @@ import torch
 from fnllama import config, optim, train, zero, zero3
 from fnllama import random as fr
 from fnllama.mesh import Mesh
+from dist_support import become_rank
 from synthetic import counting_batches
 
 CFG = config.get_preset("tiny")
@@ -132,13 +133,8 @@ def main(name: str, out_dir: str) -> int:
 
 
 def run_rank(name: str, out_dir: str, rank: int, world_size: int, port: int) -> None:
-    """A multiprocessing target: set torchrun's variables, log to OUT_DIR/rank{R}.log, run."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    torch.set_num_threads(1)
+    """A multiprocessing target: become rank `rank` (logging to OUT_DIR/rank{R}.log) and run."""
+    become_rank(rank, world_size, port, out_dir)
     sys.exit(main(name, out_dir))
 
 

@@ -8,7 +8,6 @@ computed here. A world of one runs in this process.
 
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,12 @@ from fnllama.mesh import CollectiveError, Mesh, _is_unsupported, pad_to_multiple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _mesh_worker  # noqa: E402
 from _mesh_worker import rank_input  # noqa: E402
+from dist_support import free_port
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed", "fnllama.mesh", "_mesh_worker"])
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(scenario: str, nprocs: int, out_dir: Path, *, timeout_s: float = 30, deadline_s: float = 60):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +18,10 @@ import pytest
 import torch
 
 from fnllama.checkpoint import Checkpointer
+from dist_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def train(prefix: str, out: Path, *extra: str, iters: int = 20, dp: int = 1, pre
     """
     cmd = [sys.executable, "-m", "fnllama.cli", "train", *_args(prefix, out, iters, precision), *extra]
     if dp > 1:
-        cmd += ["--nproc-per-node", str(dp), "--zero-stage", "2", "--master-port", str(_free_port())]
+        cmd += ["--nproc-per-node", str(dp), "--zero-stage", "2", "--master-port", str(free_port())]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

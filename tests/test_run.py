@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from fnllama.config import ModelConfig
 from fnllama.experiment import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
 from fnllama.run import train
+from dist_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +27,6 @@ def _load(name: str):
     spec.loader.exec_module(module)
     return module
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +89,7 @@ def test_llama2_7b_shrunk_trains_on_two_gloo_processes(demo_dir, tmp_path):
     out = tmp_path / "shrunk"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "llama2_7b_zero_8p.py"), "--shrink", "--data-dir", demo_dir,
-         "--output-dir", str(out), "--master-port", str(_free_port())],
+         "--output-dir", str(out), "--master-port", str(free_port())],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "launching: " in proc.stderr and "--nproc-per-node=2" in proc.stderr

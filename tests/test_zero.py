@@ -12,7 +12,6 @@ native run's losses.
 import math
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,11 @@ from fnllama.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _zero_worker as worker  # noqa: E402
+from dist_support import free_port
 
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed", "fnllama.train", "fnllama.zero", "_zero_worker"])
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_world(scenario: str, nprocs: int, out_dir: Path, deadline_s: float = 240) -> list[dict]:
