@@ -291,7 +291,7 @@ def make_train_step(cfg: ModelConfig, rule: Any, *, mesh: Any = None,
                                state.skipped + (0 if finite else 1))
         metrics = {"step": step_no + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
                    "tokens": int(tokens.item()), "loss_scale": float(scale), "skipped": not finite,
-                   "lr": _current_lr(schedule, opt_state, state.opt_state)}
+                   "lr": _current_lr(schedule, state.opt_state)}
         return new_state, metrics
 
     return step
@@ -305,8 +305,9 @@ def _update_count(opt_state: PyTree) -> int | None:
     return None
 
 
-def _current_lr(schedule, new_opt_state, old_opt_state) -> float:
+def _current_lr(schedule: optim.Schedule | None, opt_state: PyTree) -> float:
+    """The learning rate this step's update used: schedule(updates applied before it)."""
     if schedule is None:
         return math.nan
-    count = _update_count(old_opt_state)
+    count = _update_count(opt_state)
     return float(schedule(count if count is not None else 0))
