@@ -55,7 +55,7 @@ from safetensors.torch import save_file
 
 from fnllama.config import ModelConfig, from_hf, to_hf
 from fnllama.errors import HFError
-from fnllama.tree import paths_and_leaves
+from fnllama.tree import path_str, paths_and_leaves
 
 Shape = tuple[int, ...]
 TreePath = tuple[Any, ...]          # e.g. ("layers", 0, "attn", "wq")
@@ -249,7 +249,7 @@ def load_hf(
 
 def _hf_state(params: Params, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """{HF name: tensor} for `params`, checked against `cfg` (no copies)."""
-    by_path = {".".join(str(k) for k in path): (name, shape) for name, (path, shape) in hf_tensors(cfg).items()}
+    by_path = {path_str(path): (name, shape) for name, (path, shape) in hf_tensors(cfg).items()}
     leaves = dict(paths_and_leaves(params))
     missing = sorted(by_path.keys() - leaves.keys())
     unexpected = sorted(leaves.keys() - by_path.keys())

@@ -43,6 +43,7 @@ import optree
 import torch
 
 from fnllama.errors import ConfigError
+from fnllama.tree import path_str
 
 PyTree = Any
 Params = PyTree
@@ -327,7 +328,7 @@ def _children(tree: Any, path: tuple) -> list[tuple[Any, Any]]:
 
 
 def _path_str(path: tuple) -> str:
-    return ".".join(str(k) for k in path) or "<root>"
+    return path_str(path) or "<root>"
 
 
 def _map_with_path(fn: Callable, tree: Any, path: tuple) -> Any:
