@@ -37,7 +37,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import optree
 import torch
 
-from fnllama import device, model, optim
+from fnllama import device, model, optim, tree
 from fnllama import random as fr
 from fnllama.config import ModelConfig
 
@@ -152,13 +152,8 @@ class Replicated:
     def reduce_grads(self, grads: PyTree) -> PyTree:
         if self._dp() == 1:
             return grads
-        leaves, spec = optree.tree_flatten(grads)
-        flat = self.mesh.psum(torch.cat([g.reshape(-1) for g in leaves]), self.axis)
-        out, offset = [], 0
-        for g in leaves:
-            out.append(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return optree.tree_unflatten(spec, out)
+        layout = tree.make_layout(grads)
+        return tree.unflatten(self.mesh.psum(tree.flatten(grads, layout), self.axis), layout)
 
     def global_norm(self, reduced: PyTree) -> torch.Tensor:
         return optim.global_norm(reduced)
