@@ -25,10 +25,10 @@ DEVICE_TYPES = ("npu", "cuda", "cpu")
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
-def _npu_module() -> types.ModuleType | None:
-    """`torch.npu` once torch_npu is imported, or None when torch_npu is not installed."""
+def torch_npu() -> types.ModuleType | None:
+    """The torch_npu module (its import registers torch.npu and "npu:N"), or None without it."""
     try:
-        import torch_npu  # noqa: F401  (the import registers torch.npu and "npu:N")
+        import torch_npu as module
     except ModuleNotFoundError as e:
         if e.name != "torch_npu":
             warnings.warn(f"torch_npu is installed but cannot be imported ({e}); NPU disabled")
@@ -36,7 +36,12 @@ def _npu_module() -> types.ModuleType | None:
     except Exception as e:  # a broken CANN install: say so, then run without the NPU
         warnings.warn(f"torch_npu is installed but cannot be imported ({e!r}); NPU disabled")
         return None
-    return getattr(torch, "npu", None)
+    return module
+
+
+def _npu_module() -> types.ModuleType | None:
+    """`torch.npu` once torch_npu is imported, or None when torch_npu is not installed."""
+    return getattr(torch, "npu", None) if torch_npu() is not None else None
 
 
 def device_type() -> str:

@@ -21,21 +21,17 @@ them with a test double (torch_npu is not installed on CPU machines).
 
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from fnllama import device
 
-@functools.lru_cache(maxsize=1)
+
 def _npu_module() -> ModuleType | None:
-    try:
-        import torch_npu  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return torch_npu
+    return device.torch_npu()
 
 
 def _on_npu(x: torch.Tensor) -> bool:
