@@ -5,10 +5,18 @@ User errors (`fnllama.errors.UserError`) print one line and exit 2; `--debug` sh
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-from fnllama.errors import UserError
+from fnllama.errors import ConfigError, UserError
+
+class VerbParser(argparse.ArgumentParser):
+    """argparse for a verb's flags: a bad flag raises ConfigError (one line, exit 2) instead of exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
 
 # verb -> (module with `cli_main(argv: list[str]) -> int`, or "module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {

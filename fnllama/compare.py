@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fnllama.cli import VerbParser
 from fnllama.errors import ConfigError, DataError
 
 # Megatron/AscendSpeed: " iteration       10/    1024 | ... | lm loss: 1.034567E+01 | ..."
@@ -195,15 +196,8 @@ def plot(a: dict[int, float], b: dict[int, float], output_dir: str | os.PathLike
 
 # ---------------------------------------------------------------- CLI
 
-class _ArgParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line, exit 2 via fnllama.cli) instead of exiting."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see fnllama {self.prog.split()[-1]} --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _ArgParser(prog="fnllama compare", description=__doc__.split("\n")[0])
+    p = VerbParser(prog="fnllama compare", description=__doc__.split("\n")[0])
     p.add_argument("run_a", metavar="RUN_A", help="metrics.jsonl, a run directory, or a loss log")
     p.add_argument("run_b", metavar="RUN_B", help="the reference run (same forms)")
     p.add_argument("--output-dir", required=True, help="where the three PNG plots go")

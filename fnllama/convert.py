@@ -20,22 +20,17 @@ checkpoints of any dp size or ZeRO stage 0-2 export the same way, and writes the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 
 import torch
 
+from fnllama.cli import VerbParser
 from fnllama.config import ModelConfig
 from fnllama.errors import CheckpointError, ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _ArgParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 # ---------------------------------------------------------------- HF -> checkpoint
@@ -102,7 +97,7 @@ def export_hf(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, *, s
 # ---------------------------------------------------------------- CLI
 
 def cli_main_convert(argv: list[str]) -> int:
-    p = _ArgParser(prog="fnllama convert-hf", description="HF LLaMA directory -> params-only fnllama checkpoint")
+    p = VerbParser(prog="fnllama convert-hf", description="HF LLaMA directory -> params-only fnllama checkpoint")
     p.add_argument("--input-model-dir", required=True, help="HF directory (config.json + safetensors/bin)")
     p.add_argument("--output-dir", required=True, help="the checkpoint directory to create")
     args = p.parse_args(argv)
@@ -113,7 +108,7 @@ def cli_main_convert(argv: list[str]) -> int:
 
 
 def cli_main_export(argv: list[str]) -> int:
-    p = _ArgParser(prog="fnllama export-hf", description="fnllama checkpoint -> HF LLaMA directory")
+    p = VerbParser(prog="fnllama export-hf", description="fnllama checkpoint -> HF LLaMA directory")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (--save of a run)")
     p.add_argument("--step", type=int, help="the committed step to export (default: the latest)")
     p.add_argument("--output-dir", required=True, help="the HF directory to create")

@@ -23,6 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from fnllama.cli import VerbParser
 from fnllama.config import PRESETS, ModelConfig, from_hf, get_preset, num_params
 from fnllama.errors import ConfigError
 from fnllama.metrics import RECOMPUTE_MODES, flops_per_token
@@ -180,15 +181,8 @@ def format_plan(p: Plan, *, name: str = "model", tflops: float | None = None) ->
 
 # ---------------------------------------------------------------- CLI
 
-class _ArgParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line, exit 2 via fnllama.cli) instead of exiting."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see fnllama plan --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _ArgParser(prog="fnllama plan", description="Per-device memory and FLOPs/step of a training run.")
+    p = VerbParser(prog="fnllama plan", description="Per-device memory and FLOPs/step of a training run.")
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(PRESETS)}) or an HF model directory / config.json")
     p.add_argument("--devices", type=int, default=1, help="data-parallel devices N")

@@ -25,8 +25,8 @@ import subprocess
 import sys
 from typing import Any
 
+from fnllama.cli import VerbParser
 from fnllama.config import PRESETS, from_hf, get_preset
-from fnllama.errors import ConfigError
 from fnllama.experiment import ExperimentConfig, load_experiment_file
 
 # flag dest -> (section, field). Every other dest is handled by name below.
@@ -58,15 +58,8 @@ _FIELDS.update({name: ("optim", name) for name in _OPTIM})
 _FIELDS.update({name: ("train", name) for name in _TRAIN})
 
 
-class _ArgParser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line, exit 2 via fnllama.cli) instead of exiting."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see fnllama train --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _ArgParser(prog="fnllama train", description=__doc__.split("\n")[0],
+    p = VerbParser(prog="fnllama train", description=__doc__.split("\n")[0],
                    argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("experiment")
     g.add_argument("--config", help="experiments/NAME.py with get_config() (or a saved config.json)")
