@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from typing import Any, Callable, TextIO
 
 import torch
 
+from fnllama import device as devices
 from fnllama.config import ModelConfig
 from fnllama.errors import ConfigError
 
@@ -178,17 +178,6 @@ def device_peak_tflops(
     return lookup_peak_tflops(_device_name(device))
 
 
-def peak_memory_bytes(device: torch.device | str) -> int:
-    """Peak allocated memory of the device so far (CPU: this process's peak resident set)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    if device.type == "npu":
-        return int(torch.npu.max_memory_allocated(device))  # type: ignore[attr-defined]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)     # Linux reports KiB
-
-
 # ---------------------------------------------------------------- throughput
 
 
@@ -331,7 +320,7 @@ class MetricsLogger:
             "lr": _scalar(lr), "grad_norm": _scalar(grad_norm), "loss_scale": _scalar(loss_scale),
             "skipped": sum(s for _, _, s in self._pending),
             **asdict(self.throughput(s_per_step)),
-            "peak_mem_bytes": peak_memory_bytes(self.device) if peak_mem_bytes is None else peak_mem_bytes,
+            "peak_mem_bytes": devices.peak_memory_bytes(self.device) if peak_mem_bytes is None else peak_mem_bytes,
         }
         record = {k: record[k] for k in _JSON_FIELDS}
         self._pending = []
